@@ -1,0 +1,31 @@
+"""Command line: ``python -m anatomy_vlp_bundle <command>`` (python-fire).
+
+Each command lives in the module that owns it; this file only wires names to functions so that
+``--help`` lists every command a user runs.
+"""
+
+from __future__ import annotations
+
+import fire
+
+
+def _commands() -> dict:
+    # Imported lazily so that `--help` and light commands do not pay for torch/transformers imports.
+    from .data.validate import validate_command
+    from .synthetic import synth_command
+    from .text.reports import parse_report_command
+
+    return {
+        "validate": validate_command,
+        "synth": synth_command,
+        "parse-report": parse_report_command,
+        "parse_report": parse_report_command,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    fire.Fire(_commands(), command=argv, name="anatomy_vlp_bundle")
+
+
+if __name__ == "__main__":
+    main()
