@@ -1,0 +1,177 @@
+"""Heads on top of :class:`~anatomy_vlp_bundle.networks.anatomy_vit.AnatomyViT`.
+
+- :class:`BoxHead`: per anatomy query, a normalised centre-size box and a presence logit.
+- :class:`RegionPooling`: a region feature per anatomy = [query token, mean, max] of the patch
+  tokens inside the anatomy's region. The region comes from the anatomy mask (mask mode: a
+  token mask from :func:`~anatomy_vlp_bundle.networks.anatomy_vit.masks_to_token_mask`) or,
+  image-only, from the predicted box rasterised onto the token grid (:func:`boxes_to_token_mask`).
+  Max pooling is there because a mean over an organ washes out focal findings.
+- :class:`Projection`: into the text embedding space, L2-normalised.
+
+All forwards are TorchScript-compatible.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from anatomy_vlp_bundle.networks.box_ops import boxes_to_token_mask
+
+__all__ = ["BoxHead", "RegionPooling", "Projection", "boxes_to_token_mask"]
+
+
+class BoxHead(nn.Module):
+    """Box and presence prediction from each anatomy query (weights shared by all queries).
+
+    Args:
+        hidden_size: query width ``D``.
+        spatial_dims: 2 or 3 (4 or 6 box numbers).
+        num_layers: layers of the box MLP (DETR uses 3).
+        mlp_dim: hidden width of the box MLP (default ``hidden_size``).
+
+    ``forward(queries (B, M, D))`` returns ``boxes`` ``(B, M, 2 * spatial_dims)`` float32 normalised
+    ``(cx, cy, [cz], w, h, [d])`` in ``(0, 1)`` (sigmoid; array-axis order, relative to the input
+    grid) and ``presence_logits`` ``(B, M)``.
+    """
+
+    def __init__(self, hidden_size: int, spatial_dims: int, num_layers: int = 3, mlp_dim: Optional[int] = None) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"BoxHead: spatial_dims must be 2 or 3, got {spatial_dims}")
+        if num_layers < 1:
+            raise ValueError(f"BoxHead: num_layers must be >= 1, got {num_layers}")
+        mlp_dim = hidden_size if mlp_dim is None else mlp_dim
+        self.spatial_dims = spatial_dims
+        layers: List[nn.Module] = []
+        width = hidden_size
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(width, mlp_dim), nn.GELU()]
+            width = mlp_dim
+        layers.append(nn.Linear(width, 2 * spatial_dims))
+        self.box_mlp = nn.Sequential(*layers)
+        self.presence = nn.Linear(hidden_size, 1)
+
+    def forward(self, queries: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``queries`` ``(B, M, D)`` -> ``{"boxes": (B, M, 2 * spatial_dims), "presence_logits": (B, M)}``."""
+        boxes = torch.sigmoid(self.box_mlp(queries).float())
+        presence_logits = self.presence(queries).float().squeeze(-1)
+        return {"boxes": boxes, "presence_logits": presence_logits}
+
+
+class RegionPooling(nn.Module):
+    """Region feature per anatomy: ``concat(query, mean, max)`` of the patch tokens in its region.
+
+    Args:
+        hidden_size: token width ``D`` (``out_dim = 3 * D``).
+        soft_boxes: image-only mode weights tokens by the fraction covered by the predicted box
+            (mean pooling weighted, max over covered tokens) instead of a hard any-overlap mask.
+        detach_boxes: do not back-propagate pooling losses into the box head (the box losses
+            train the boxes; alignment losses should not move boxes to convenient tokens).
+        max_chunk_elements: memory bound of the masked max (``B * chunk * N * D`` elements at once).
+
+    ``forward(queries (B, M, D), patch_tokens (B, N, D), grid, region_token_mask=None, boxes=None)``:
+    ``region_token_mask`` ``(B, M, N)`` (bool, or float weights >= 0) wins over ``boxes``
+    ``(B, M, 2 * spatial_dims)`` (normalised centre-size); one of them is required. Returns
+    ``(B, M, 3 * D)``. An empty region (e.g. an absent anatomy in mask mode) pools to zeros.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        soft_boxes: bool = False,
+        detach_boxes: bool = True,
+        max_chunk_elements: int = 1 << 24,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.out_dim = 3 * hidden_size
+        self.soft_boxes = soft_boxes
+        self.detach_boxes = detach_boxes
+        self.max_chunk_elements = int(max_chunk_elements)
+
+    def region_weights(
+        self,
+        grid: List[int],
+        region_token_mask: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The ``(B, M, N)`` float token weights of each region (mask first, else boxes)."""
+        if region_token_mask is not None:
+            return region_token_mask.to(torch.float32)
+        if boxes is not None:
+            if self.detach_boxes:
+                boxes = boxes.detach()
+            return boxes_to_token_mask(boxes, grid, self.soft_boxes).to(torch.float32)
+        raise ValueError("RegionPooling: give region_token_mask (mask mode) or boxes (image-only mode)")
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        patch_tokens: torch.Tensor,
+        grid: List[int],
+        region_token_mask: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        b, n, d = patch_tokens.shape[0], patch_tokens.shape[1], patch_tokens.shape[2]
+        m = queries.shape[1]
+        expected = 1
+        for g in grid:
+            expected *= g
+        if expected != n:
+            raise ValueError(
+                "RegionPooling: grid " + str(grid) + " has " + str(expected) + " tokens, patch_tokens has " + str(n)
+            )
+        weights = self.region_weights(grid, region_token_mask, boxes)
+        if weights.shape[0] != b or weights.shape[1] != m or weights.shape[2] != n:
+            raise ValueError(
+                "RegionPooling: region weights must be (B, M, N) = "
+                + str([b, m, n])
+                + ", got "
+                + str(list(weights.shape))
+            )
+        total = weights.sum(dim=-1, keepdim=True)  # (B, M, 1)
+        mean = torch.bmm(weights.to(patch_tokens.dtype), patch_tokens) / total.clamp(min=1e-6).to(patch_tokens.dtype)
+
+        support = weights > 0
+        chunk = max(1, self.max_chunk_elements // max(1, b * n * d))
+        maxima: List[torch.Tensor] = []
+        for start in range(0, m, chunk):
+            sel = support[:, start : start + chunk]  # (B, c, N)
+            masked = patch_tokens.unsqueeze(1).masked_fill(~sel.unsqueeze(-1), float("-inf"))
+            maxima.append(masked.amax(dim=2))
+        peak = torch.cat(maxima, dim=1)  # (B, M, D)
+        # an empty region has -inf everywhere: pool it to zeros (no gradient flows there)
+        peak = torch.where(support.any(dim=-1, keepdim=True), peak, torch.zeros_like(peak))
+        return torch.cat([queries, mean.to(queries.dtype), peak.to(queries.dtype)], dim=-1)
+
+
+class Projection(nn.Module):
+    """Projection into the text embedding space, L2-normalised.
+
+    Args:
+        in_dim: input width.
+        embed_dim: text embedding width (384 for MiniLM).
+        hidden_dim: when given, a 2-layer MLP ``Linear -> GELU -> Linear`` instead of one Linear.
+        dropout: dropout before the last Linear (training only).
+
+    ``forward(x (..., in_dim))`` -> ``(..., embed_dim)`` float32 unit vectors.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, hidden_dim: Optional[int] = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if hidden_dim is None:
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, embed_dim))
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, embed_dim)
+            )
+        self.in_dim = in_dim
+        self.embed_dim = embed_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32: bf16 unit vectors lose ~3 digits of cosine similarity
+        return F.normalize(self.net(x).float(), dim=-1)
