@@ -47,6 +47,7 @@ from scipy import ndimage
 from ..data.catalog import Catalog, load_catalog
 from ..data.datalist import write_datalist
 from .report_writer import write_report
+from .splits import DEFAULT_N_CASES, plan_patients
 
 __all__ = [
     "generate_ct_dataset",
@@ -71,9 +72,6 @@ DEFAULT_SHAPE = (80, 64, 64)
 DEFAULT_SPACING = (4.0, 4.0, 4.0)
 #: Field of view (mm) the canonical anatomy is laid out for; other grids scale it per axis.
 REFERENCE_FOV_MM = (320.0, 256.0, 256.0)
-DEFAULT_N_CASES = 320
-#: Default split sizes for DEFAULT_N_CASES; smaller sets scale them proportionally.
-DEFAULT_SPLIT = {"training": 180, "validation": 40, "test": 100}
 DEFAULT_PREVALENCE = 0.27
 #: Probability that a patient has a second study (same anatomy, new findings and positioning).
 SECOND_STUDY_PROBABILITY = 0.25
@@ -1408,48 +1406,15 @@ def _write_case(out_dir: Path, spec: CTCaseSpec, catalog: Catalog, shape, spacin
 def split_plan(
     n_cases: int, seed: int = 0, n_test: int | None = None, n_val: int | None = None
 ) -> list[tuple[int, int, str]]:
-    """Which patient and split each case belongs to.
-
-    Patients have one or two studies and never straddle splits. Split sizes default to the
-    180 / 40 / 100 proportions of the 320-case set, with at least one training case and, when
-    ``n_cases >= 3``, at least one validation and one test case.
+    """Which patient and split each case belongs to (``synthetic.splits.plan_patients``).
 
     Returns:
         ``[(case_index, patient_index, split), ...]`` in case order.
     """
-    if n_cases < 1:
-        raise ValueError(f"synthetic CT: n_cases must be at least 1, got {n_cases}")
-    ref = DEFAULT_N_CASES
-    if n_test is None:
-        n_test = round(n_cases * DEFAULT_SPLIT["test"] / ref)
-        n_test = max(n_test, 1) if n_cases >= 3 else 0
-    if n_val is None:
-        n_val = round(n_cases * DEFAULT_SPLIT["validation"] / ref)
-        n_val = max(n_val, 1) if n_cases >= 3 else 0
-    for name, v in (("n_test", n_test), ("n_val", n_val)):
-        if int(v) != v or v < 0:
-            raise ValueError(f"synthetic CT: {name} must be a non-negative integer, got {v!r}")
-    n_test, n_val = int(n_test), int(n_val)
-    n_train = n_cases - n_test - n_val
-    if n_train < 1:
-        raise ValueError(
-            f"synthetic CT: n_test ({n_test}) + n_val ({n_val}) leave no training case out of n_cases={n_cases}"
-        )
-    rng = np.random.default_rng([seed, PLAN_STREAM, n_cases])
-    groups: list[tuple[str, int]] = []
-    for split, count in (("training", n_train), ("validation", n_val), ("test", n_test)):
-        left = count
-        while left > 0:
-            size = 2 if left >= 2 and rng.random() < SECOND_STUDY_PROBABILITY else 1
-            groups.append((split, size))
-            left -= size
-    order = rng.permutation(len(groups))
-    plan = []
-    for patient, gi in enumerate(order):
-        split, size = groups[gi]
-        for _ in range(size):
-            plan.append((len(plan), patient, split))
-    return plan
+    try:
+        return plan_patients(n_cases, seed, PLAN_STREAM, SECOND_STUDY_PROBABILITY, n_test, n_val)
+    except ValueError as e:
+        raise ValueError(f"synthetic CT: {e}") from None
 
 
 @lru_cache(maxsize=1)

@@ -47,6 +47,7 @@ from scipy import ndimage
 from ..data.catalog import Catalog, load_catalog
 from ..data.datalist import write_datalist
 from .report_writer import write_report
+from .splits import DEFAULT_N_CASES, DEFAULT_SPLITS, plan_patients, split_sizes
 
 __all__ = [
     "generate_cxr_dataset",
@@ -78,9 +79,6 @@ __all__ = [
 
 CATALOG_NAME = "synthetic_cxr"
 DATALIST_NAME = "synthetic-cxr-v1"
-DEFAULT_N_CASES = 320
-#: Default split sizes for DEFAULT_N_CASES (smaller or larger ``n`` scales them).
-DEFAULT_SPLITS = {"training": 180, "validation": 40, "test": 100}
 SIDES = (("right", -1), ("left", +1))  # side name, sign of x (patient's left is +x)
 
 # Linear attenuation coefficients per mm at an effective energy of about 60 keV.
@@ -94,7 +92,8 @@ MU_VERTEBRA = 0.0255  # vertebral bodies (mostly trabecular bone)
 #: others draw each finding with FINDING_PREVALENCE / (1 - P_NORMAL_STUDY).
 FINDING_PREVALENCE = 0.27
 P_NORMAL_STUDY = 0.2
-P_FOLLOW_UP = 0.12  # chance that the next case of a split block is a second study of the same patient
+P_FOLLOW_UP = 0.12  # chance that a patient has a second study (same split)
+PLAN_STREAM = 0x706C616E  # random stream of the case plan, independent of the CT generator's
 P_16_BIT = 0.1  # share of images stored as 16-bit PNG
 
 # Reference body profile along z (mm, patient frame, before the patient's scale factors): half-widths
@@ -1558,29 +1557,6 @@ def mask_filename(anatomy: str) -> str:
     return anatomy.replace(" ", "_") + ".png"
 
 
-def split_sizes(n_cases: int, n_test: int | None = None, n_val: int | None = None) -> dict[str, int]:
-    """Cases per split: 180/40/100 for 320 cases, scaled for other sizes (test >= 100 from 320 cases
-    up; at least one training case; one validation and one test case when ``n_cases >= 3``)."""
-    if n_cases < 1:
-        raise ValueError(f"n_cases must be at least 1, got {n_cases}")
-    ratio_test = DEFAULT_SPLITS["test"] / DEFAULT_N_CASES
-    ratio_val = DEFAULT_SPLITS["validation"] / DEFAULT_N_CASES
-    if n_test is None:
-        n_test = int(round(n_cases * ratio_test))
-        if n_cases >= DEFAULT_N_CASES:
-            n_test = max(DEFAULT_SPLITS["test"], n_test)
-        n_test = max(1, n_test) if n_cases >= 3 else 0
-    if n_val is None:
-        n_val = max(1, int(round(n_cases * ratio_val))) if n_cases >= 3 else 0
-    if n_test < 0 or n_val < 0:
-        raise ValueError(f"n_test and n_val must be >= 0, got n_test={n_test}, n_val={n_val}")
-    if n_cases - n_test - n_val < 1:
-        raise ValueError(
-            f"n_test={n_test} + n_val={n_val} leave no training case out of n_cases={n_cases}"
-        )
-    return {"training": n_cases - n_test - n_val, "validation": n_val, "test": n_test}
-
-
 @dataclass(frozen=True)
 class CasePlan:
     index: int
@@ -1591,25 +1567,15 @@ class CasePlan:
 
 
 def plan_cases(n_cases: int, seed: int, n_test: int | None = None, n_val: int | None = None) -> list[CasePlan]:
-    """Ids, patients and splits of every case (training block, then validation, then test).
+    """Ids, patients and splits of every case (``synthetic.splits.plan_patients``).
 
     Some patients have a second study (same anatomy, new view and findings); both studies stay
     in one split, so patients never span splits.
     """
-    sizes = split_sizes(n_cases, n_test, n_val)
-    rng = np.random.default_rng([int(seed), 0x706C616E, 0x706C616E])
-    plans: list[CasePlan] = []
-    index, patient = 0, -1
-    for split in ("training", "validation", "test"):
-        follow_up = False
-        for i in range(sizes[split]):
-            if not follow_up:
-                patient += 1
-            plans.append(CasePlan(index, f"case_{index:04d}", patient, f"p{patient:04d}", split))
-            index += 1
-            # the next case continues this patient only inside this split and not a third time
-            follow_up = (not follow_up) and rng.random() < P_FOLLOW_UP and i + 1 < sizes[split]
-    return plans
+    return [
+        CasePlan(index, f"case_{index:04d}", patient, f"p{patient:04d}", split)
+        for index, patient, split in plan_patients(n_cases, seed, PLAN_STREAM, P_FOLLOW_UP, n_test, n_val)
+    ]
 
 
 def _generate_one(args: tuple[str, CasePlan, int, float, int]) -> tuple[dict[str, Any], dict[str, Any]]:
