@@ -47,7 +47,7 @@ from scipy import ndimage
 from ..data.catalog import Catalog, load_catalog
 from ..data.datalist import write_datalist
 from .report_writer import write_report
-from .splits import DEFAULT_N_CASES, DEFAULT_SPLITS, plan_patients, split_sizes
+from .splits import DEFAULT_N_CASES, plan_patients, split_sizes
 
 __all__ = [
     "generate_cxr_dataset",
