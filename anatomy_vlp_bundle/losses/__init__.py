@@ -50,3 +50,27 @@ __all__ = [
     "zero_shot_logits",
     "zero_shot_probs",
 ]
+
+# detection loss and the model's criterion (appended)
+from .detection import detection_loss, present_box_mask  # noqa: E402
+from .criterion import (  # noqa: E402
+    DEFAULT_WEIGHTS,
+    anatomy_abnormal,
+    anatomy_normal,
+    build_criterion,
+    detection_term,
+    make_targets,
+    normality_term,
+)
+
+__all__ += [
+    "detection_loss",
+    "present_box_mask",
+    "DEFAULT_WEIGHTS",
+    "anatomy_abnormal",
+    "anatomy_normal",
+    "build_criterion",
+    "detection_term",
+    "make_targets",
+    "normality_term",
+]

@@ -41,3 +41,9 @@ __all__ = [
     "RegionPooling",
     "Projection",
 ]
+
+# model assembly and deploy wrapper (appended)
+from anatomy_vlp_bundle.networks.vlp_model import AnatomyVLPModel, RegionFusion  # noqa: E402
+from anatomy_vlp_bundle.networks.deploy import DeployWrapper, describe_layout, export_torchscript, script_deploy  # noqa: E402
+
+__all__ += ["AnatomyVLPModel", "RegionFusion", "DeployWrapper", "describe_layout", "export_torchscript", "script_deploy"]

@@ -1,0 +1,627 @@
+"""The anatomy vision-language model: AnatomyViT + box head + region pooling + normality prior + projections.
+
+::
+
+    image (B, 1, *S) ──AnatomyViT──> [CLS] (B, D), queries (B, M, D), patch tokens (B, N, D),
+                                     stem features (B, C, *S // stem_stride)
+      queries ──BoxHead──> boxes (B, M, 2d) normalised (cx, cy, [cz], w, h, [d]), presence logits
+      region of anatomy i: its given mask, or its predicted box (see ``regions`` below)
+      RegionPooling ──> region feature = [query ; mean ; max of the region's tokens]   (B, M, 3D)
+      NormalityPrior(per-patch features inside the region, detached) ──> residual statistics
+                                     (mean residual of the worst patches ; worst residual) + score
+      RegionFusion: concat(region feature, slog(residual stats), log1p(score)) -> MLP -> unit vector
+                    ("fused = f(original, original - reconstruction)")     region_emb (B, M, E)
+      [CLS] ──Projection──> cls_emb (B, E)
+      zero-shot: region_emb vs the (anatomy, finding) prompt ensembles, cls_emb vs study prompts
+
+Regions (``forward(..., regions=...)``):
+
+- ``"predicted"``: every anatomy's region is its predicted box rasterised onto the token grid
+  (and onto the prior's grid). Image only; what the deploy wrapper does.
+- ``"mask"``: the given ``anatomy`` masks (max-pooled onto each grid); an empty mask gives an
+  empty region (the region feature is then the query alone and the prior sees no patch).
+- ``"auto"`` (default): the given mask where it is non-empty, the predicted box elsewhere (e.g.
+  anatomies without a mask in this sample); without ``anatomy`` this is ``"predicted"``.
+
+Boxes are detached before they define regions: the box losses train the boxes, alignment losses
+must not move them to convenient tokens.
+
+Second view for the disease-level contrastive term (``region_emb_view2``): the region pooled
+over a random subset of its tokens (each kept with probability ``view2_keep``; a region that
+would lose every token keeps them all), projected with an independent dropout mask, from the
+SAME backbone pass. A second backbone pass on a second augmentation would be closer to
+ViSD-Boost but doubles the cost of every step; token dropout perturbs exactly the part of the
+feature that carries the region content (mean and max of its tokens) for the cost of one more
+pooling. In eval mode the second view is ``region_emb`` itself (no randomness).
+
+DDP: every parameter takes part in every forward (no branch depends on the data; the regions
+mode, ``self.training`` and the model's configuration are the same on every rank). Which
+parameters receive a gradient depends on the enabled loss terms: a stage that disables terms
+(e.g. detection only) leaves the projections, logit scales and the prior's MLPs without gradient,
+so either wrap with ``DistributedDataParallel(..., find_unused_parameters=True)`` or build the
+criterion with ``connect_all_outputs=True`` (``losses.criterion.build_criterion``), which adds
+``0 * sum`` of every output so each parameter gets a (zero) gradient. The prior's collectives
+(``ddp_sync``) are called once per training forward on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+from monai.data import MetaTensor
+
+from ..data.catalog import Catalog, load_catalog
+from ..losses.alignment import zero_shot_logits
+from ..losses.contrastive import LogitScale
+from .anatomy_vit import AnatomyViT, masks_to_token_mask
+from .box_ops import boxes_to_token_mask
+from .heads import BoxHead, Projection, RegionPooling
+from .normality_prior import NormalityPrior, calibrated_abnormality
+
+__all__ = [
+    "AnatomyVLPModel",
+    "RegionFusion",
+    "DEFAULT_PRIOR",
+    "REGION_MODES",
+    "prior_summary_features",
+    "abnormality_from_score",
+    "max_finding_probability",
+]
+
+#: NormalityPrior options used when ``prior`` is not given (see :class:`NormalityPrior`).
+DEFAULT_PRIOR: Dict[str, Any] = {"codes_per_anatomy": 64, "code_dim": 64, "hidden_dim": 128, "top_k": 4}
+REGION_MODES = ("auto", "mask", "predicted")
+PRIOR_INPUTS = ("stem", "tokens")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def prior_summary_features(residual_stats: torch.Tensor, anatomy_score: torch.Tensor) -> torch.Tensor:
+    """Per-anatomy prior features fused with the region feature.
+
+    ``concat(sign(r) * log1p(|r|), log1p(score))``: residuals of an abnormal patch can be tens of
+    (normal) standard deviations; the signed log keeps their sign and order but stops them from
+    swamping the region feature.
+
+    Args:
+        residual_stats: ``(B, M, 2C)`` from :class:`NormalityPrior`.
+        anatomy_score: ``(B, M)`` worst patch error (>= 0).
+
+    Returns:
+        ``(B, M, 2C + 1)`` float32.
+    """
+    r = residual_stats.float()
+    slog = torch.sign(r) * torch.log1p(r.abs())
+    return torch.cat([slog, torch.log1p(anatomy_score.float().clamp(min=0.0)).unsqueeze(-1)], dim=-1)
+
+
+def abnormality_from_score(score: torch.Tensor, quantiles: torch.Tensor, calibrated: torch.Tensor) -> torch.Tensor:
+    """Abnormality in ``[0, 1]`` from the prior's worst-patch score.
+
+    Calibrated (``calibrated`` true): the score's percentile among normal validation anatomies of
+    the same kind (:func:`calibrated_abnormality`). Not calibrated yet: ``score / (1 + score)``,
+    monotone in the score but not comparable across anatomies.
+
+    Args:
+        score: ``(B, M)`` anatomy scores.
+        quantiles: ``(M, Q)`` per-anatomy quantiles.
+        calibrated: 0-d bool tensor.
+    """
+    score = score.float()
+    fallback = score / (1.0 + score.clamp(min=0.0))
+    return torch.where(calibrated, calibrated_abnormality(score, quantiles), fallback)
+
+
+def max_finding_probability(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, M)`` largest finding probability of each anatomy (0 for an anatomy without findings).
+
+    The abnormality of the "no prior" ablation.
+
+    Args:
+        probs: ``(B, M, F)`` finding probabilities.
+        valid: ``(M, F)`` bool, which (anatomy, finding) exist.
+    """
+    masked = torch.where(valid.unsqueeze(0), probs, torch.zeros_like(probs))
+    if probs.shape[-1] == 0:
+        return torch.zeros(probs.shape[0], probs.shape[1], device=probs.device, dtype=probs.dtype)
+    return masked.amax(dim=-1)
+
+
+class RegionFusion(nn.Module):
+    """Fuse the region feature with the prior's per-anatomy features and project into text space.
+
+    ``Projection(concat(region_feature, prior_features))``: a 2-layer MLP over the concatenation
+    (ViSD-Boost concatenates original and reconstructed features, then a per-organ MLP), output
+    L2-normalised.
+
+    Args:
+        region_dim: width of the pooled region feature (``3 * hidden_size``).
+        prior_dim: width of :func:`prior_summary_features` (``2C + 1``), 0 without a prior.
+        embed_dim: text embedding width.
+        hidden_dim: MLP hidden width.
+        dropout: dropout before the last layer (training only).
+
+    ``forward(region_feat (B, M, region_dim), prior_feat (B, M, prior_dim))`` -> ``(B, M, embed_dim)``.
+    """
+
+    def __init__(self, region_dim: int, prior_dim: int, embed_dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.region_dim = int(region_dim)
+        self.prior_dim = int(prior_dim)
+        self.proj = Projection(region_dim + prior_dim, embed_dim, hidden_dim=hidden_dim, dropout=dropout)
+
+    def forward(self, region_feat: torch.Tensor, prior_feat: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([region_feat.float(), prior_feat.to(torch.float32)], dim=-1)
+        return self.proj(x.to(region_feat.dtype))
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """The plain tensor behind a MONAI ``MetaTensor`` (other tensors unchanged)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def _region_tokens(
+    boxes: torch.Tensor,
+    grid: List[int],
+    mask_tokens: Optional[torch.Tensor],
+    regions: str,
+    soft: bool,
+) -> torch.Tensor:
+    """``(B, M, N)`` float token weights of each region on ``grid`` (see the module docstring)."""
+    box_tokens = boxes_to_token_mask(boxes.detach(), grid, soft).to(torch.float32)
+    if mask_tokens is None:
+        return box_tokens
+    mask_f = mask_tokens.to(torch.float32)
+    if regions == "mask":
+        return mask_f
+    return torch.where(mask_tokens.any(dim=-1, keepdim=True), mask_f, box_tokens)
+
+
+# --------------------------------------------------------------------------------------------- model
+class AnatomyVLPModel(nn.Module):
+    """Anatomy-aware vision-language model (2D CXR or 3D CT); see the module docstring.
+
+    Args:
+        catalog: the anatomy catalog (``Catalog``, dict, built-in name or ``.json`` path); its
+            anatomy order is the query order and its findings define the prompt buffers.
+        spatial_dims: 2 or 3; default the catalog's (a mismatch raises).
+        img_size: input size the position embedding is built for (other multiples of the patch
+            size work, the embedding is interpolated).
+        patch_size: token size (int or one per axis).
+        hidden_size, num_layers, num_heads, mlp_dim: transformer width, depth, heads, MLP width.
+        embed_dim: text embedding width (384 for the packaged MiniLM).
+        conv_stem: convolutional stem (keeps small lesions; its features feed the prior).
+        stem_channels: channels of the two stem stages.
+        pos_embed: ``"learnable"`` or ``"sincos"``.
+        prior: :class:`NormalityPrior` options (``codes_per_anatomy``, ``code_dim``, ``hidden_dim``,
+            ``top_k``, ``decay``, ``commitment_cost``, ``ddp_sync``, ...); default
+            :data:`DEFAULT_PRIOR`; ``None`` = the "no prior" ablation (region feature alone).
+        prior_on: ``"stem"`` (default: the stem's early per-patch features, finer than the token
+            grid when ``conv_stem``) or ``"tokens"`` (the final patch tokens on the token grid).
+        mask_guided_attention: when masks define the regions, each query attends only to [CLS],
+            itself and its region's tokens (fVLM). Image-only inference then differs from training
+            (no masks): meant for mask-mode training and evaluation.
+        dropout: dropout inside the transformer (training only).
+        head_dropout: dropout inside the projections (training only).
+        proj_hidden_dim: hidden width of the projection MLPs (default ``2 * hidden_size``).
+        box_layers: layers of the box MLP.
+        soft_boxes: image-only regions weight tokens by the fraction covered by the box.
+        view2_keep: probability that a region token is kept in the second view.
+        init_temperature: initial temperature of both logit scales (fVLM: 0.07).
+        min_temperature, max_temperature: clamp range of the temperatures.
+        global_bias_init: initial value of the learnable bias of the global [CLS] loss.
+        gradient_checkpointing: recompute transformer activations in backward.
+        in_channels: image channels.
+    """
+
+    def __init__(
+        self,
+        catalog: Union[Catalog, Mapping, str],
+        spatial_dims: Optional[int] = None,
+        img_size: Union[int, Sequence[int]] = (80, 64, 64),
+        patch_size: Union[int, Sequence[int]] = 8,
+        hidden_size: int = 192,
+        num_layers: int = 4,
+        num_heads: int = 6,
+        mlp_dim: Optional[int] = None,
+        embed_dim: int = 384,
+        conv_stem: bool = True,
+        stem_channels: Sequence[int] = (32, 64),
+        pos_embed: str = "learnable",
+        prior: Optional[Mapping[str, Any]] = DEFAULT_PRIOR,
+        prior_on: str = "stem",
+        mask_guided_attention: bool = False,
+        dropout: float = 0.0,
+        head_dropout: float = 0.0,
+        proj_hidden_dim: Optional[int] = None,
+        box_layers: int = 3,
+        soft_boxes: bool = False,
+        view2_keep: float = 0.5,
+        init_temperature: float = 0.07,
+        min_temperature: float = 0.001,
+        max_temperature: float = 0.5,
+        global_bias_init: float = 0.0,
+        gradient_checkpointing: bool = False,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        cat = load_catalog(dict(catalog) if isinstance(catalog, Mapping) else catalog)
+        dims = cat.spatial_dims if spatial_dims is None else int(spatial_dims)
+        if dims != cat.spatial_dims:
+            raise ValueError(
+                f"AnatomyVLPModel: spatial_dims={dims} but catalog {cat.name!r} is {cat.modality} "
+                f"({cat.spatial_dims}D)"
+            )
+        if prior_on not in PRIOR_INPUTS:
+            raise ValueError(f"AnatomyVLPModel: prior_on must be one of {PRIOR_INPUTS}, got {prior_on!r}")
+        if not 0.0 < view2_keep <= 1.0:
+            raise ValueError(f"AnatomyVLPModel: view2_keep must be in (0, 1], got {view2_keep}")
+        if prior is not None and not isinstance(prior, Mapping):
+            raise TypeError(f"AnatomyVLPModel: prior must be a dict of NormalityPrior options or None, got {type(prior).__name__}")
+
+        self.catalog = cat
+        self.spatial_dims = dims
+        self.num_anatomies = cat.num_anatomies
+        self.num_findings = cat.max_findings
+        self.num_study_findings = len(cat.study_findings)
+        self.embed_dim = int(embed_dim)
+        self.prior_on = prior_on
+        self.mask_guided_attention = bool(mask_guided_attention)
+        self.soft_boxes = bool(soft_boxes)
+        self.view2_keep = float(view2_keep)
+        # False: the prior is not fitted in this stage (it gets no normal anatomy: no losses, no
+        # codebook or statistics updates) but still scores every region (see set_prior_fitting)
+        self.fit_prior = True
+        # plain-type record of the constructor arguments (checkpoint "model_config")
+        self.config: Dict[str, Any] = {
+            "catalog": cat.to_dict(),
+            "spatial_dims": dims,
+            "img_size": list(img_size) if not isinstance(img_size, int) else img_size,
+            "patch_size": list(patch_size) if not isinstance(patch_size, int) else patch_size,
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "mlp_dim": mlp_dim,
+            "embed_dim": embed_dim,
+            "conv_stem": conv_stem,
+            "stem_channels": list(stem_channels),
+            "pos_embed": pos_embed,
+            "prior": None if prior is None else copy.deepcopy(dict(prior)),
+            "prior_on": prior_on,
+            "mask_guided_attention": mask_guided_attention,
+            "dropout": dropout,
+            "head_dropout": head_dropout,
+            "proj_hidden_dim": proj_hidden_dim,
+            "box_layers": box_layers,
+            "soft_boxes": soft_boxes,
+            "view2_keep": view2_keep,
+            "init_temperature": init_temperature,
+            "min_temperature": min_temperature,
+            "max_temperature": max_temperature,
+            "global_bias_init": global_bias_init,
+            "gradient_checkpointing": gradient_checkpointing,
+            "in_channels": in_channels,
+        }
+
+        m = self.num_anatomies
+        self.backbone = AnatomyViT(
+            dims,
+            in_channels=in_channels,
+            img_size=img_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
+            num_anatomies=m,
+            dropout=dropout,
+            pos_embed=pos_embed,
+            conv_stem=conv_stem,
+            gradient_checkpointing=gradient_checkpointing,
+            stem_channels=stem_channels,
+        )
+        self.box_head = BoxHead(hidden_size, dims, num_layers=box_layers)
+        self.pooling = RegionPooling(hidden_size, soft_boxes=soft_boxes, detach_boxes=True)
+
+        self.prior: Optional[NormalityPrior]
+        prior_dim = 0
+        if prior is not None:
+            feature_dim = self.backbone.stem_channels if prior_on == "stem" else hidden_size
+            self.prior = NormalityPrior(feature_dim, m, **dict(prior))
+            prior_dim = 2 * feature_dim + 1
+        else:
+            self.prior = None
+        proj_hidden = 2 * hidden_size if proj_hidden_dim is None else int(proj_hidden_dim)
+        self.region_proj = RegionFusion(self.pooling.out_dim, prior_dim, embed_dim, proj_hidden, head_dropout)
+        self.cls_proj = Projection(hidden_size, embed_dim, hidden_dim=proj_hidden, dropout=head_dropout)
+
+        self.logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
+        self.disease_logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
+        self.logit_bias = nn.Parameter(torch.tensor(float(global_bias_init)))
+
+        # prompt buffers: shapes follow from the catalog alone, so a state dict loads strictly
+        # before any prompt bank is set (PromptBank layout: text/prompts.py)
+        from ..text.prompts import build_prompt_texts  # local: text.prompts imports losses
+
+        texts = build_prompt_texts(cat)
+        f, s, k = self.num_findings, self.num_study_findings, len(texts.global_findings)
+        self.global_findings: List[str] = list(texts.global_findings)
+        self.register_buffer("prompt_pos", torch.zeros(m, f, embed_dim))
+        self.register_buffer("prompt_neg", torch.zeros(m, f, embed_dim))
+        self.register_buffer("prompt_valid", texts.valid.clone())
+        self.register_buffer("study_pos", torch.zeros(s, embed_dim))
+        self.register_buffer("study_neg", torch.zeros(s, embed_dim))
+        self.register_buffer("global_emb", torch.zeros(k, embed_dim))
+        self.register_buffer("global_membership", texts.global_membership.clone())
+        self.register_buffer("global_study_index", texts.global_study_index.clone())
+        self.register_buffer("prompts_set", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("thresholds", torch.full((m, f), 0.5))
+        self.register_buffer("study_thresholds", torch.full((s,), 0.5))
+
+    # ------------------------------------------------------------------------------------ setup
+    def set_prompt_bank(self, bank: Any) -> None:
+        """Copy a :class:`~anatomy_vlp_bundle.text.prompts.PromptBank` (or its ``to_state()`` dict)
+        into the persistent prompt buffers.
+
+        Raises:
+            ValueError: when the bank was built for another catalog or embedding width.
+        """
+        state = bank.to_state() if hasattr(bank, "to_state") else dict(bank)
+        expected = {
+            "pos": self.prompt_pos.shape,
+            "neg": self.prompt_neg.shape,
+            "valid": self.prompt_valid.shape,
+            "study_pos": self.study_pos.shape,
+            "study_neg": self.study_neg.shape,
+            "global_emb": self.global_emb.shape,
+            "global_membership": self.global_membership.shape,
+            "global_study_index": self.global_study_index.shape,
+        }
+        for key, shape in expected.items():
+            if key not in state:
+                raise ValueError(f"set_prompt_bank: the prompt bank has no {key!r}")
+            if tuple(state[key].shape) != tuple(shape):
+                raise ValueError(
+                    f"set_prompt_bank: {key!r} has shape {tuple(state[key].shape)}, the model (catalog "
+                    f"{self.catalog.name!r}, embed_dim {self.embed_dim}) needs {tuple(shape)}"
+                )
+        if not torch.equal(state["valid"].bool().cpu(), self.prompt_valid.cpu()):
+            raise ValueError(f"set_prompt_bank: the bank's (anatomy, finding) layout differs from catalog {self.catalog.name!r}")
+        with torch.no_grad():
+            self.prompt_pos.copy_(state["pos"])
+            self.prompt_neg.copy_(state["neg"])
+            self.study_pos.copy_(state["study_pos"])
+            self.study_neg.copy_(state["study_neg"])
+            self.global_emb.copy_(state["global_emb"])
+            self.global_membership.copy_(state["global_membership"].bool())
+            self.global_study_index.copy_(state["global_study_index"].long())
+            self.prompts_set.fill_(True)
+
+    def prompt_bank(self):
+        """The prompt buffers as a :class:`~anatomy_vlp_bundle.text.prompts.PromptBank` (no texts)."""
+        from ..text.prompts import PromptBank
+
+        return PromptBank(
+            pos=self.prompt_pos.clone(),
+            neg=self.prompt_neg.clone(),
+            valid=self.prompt_valid.clone(),
+            study_pos=self.study_pos.clone(),
+            study_neg=self.study_neg.clone(),
+            global_emb=self.global_emb.clone(),
+            global_membership=self.global_membership.clone(),
+            global_study_index=self.global_study_index.clone(),
+        )
+
+    def set_thresholds(
+        self, thresholds: Optional[torch.Tensor] = None, study_thresholds: Optional[torch.Tensor] = None
+    ) -> None:
+        """Store decision thresholds: ``thresholds`` ``(M, F)`` per (anatomy, finding), ``study_thresholds`` ``(S,)``."""
+        with torch.no_grad():
+            for name, value in (("thresholds", thresholds), ("study_thresholds", study_thresholds)):
+                if value is None:
+                    continue
+                own = getattr(self, name)
+                value = torch.as_tensor(value, dtype=own.dtype)
+                if tuple(value.shape) != tuple(own.shape):
+                    raise ValueError(f"set_thresholds: {name} must have shape {tuple(own.shape)}, got {tuple(value.shape)}")
+                own.copy_(value)
+
+    def set_score_calibration(self, quantiles: torch.Tensor) -> None:
+        """Store the prior's per-anatomy score quantiles (``fit_score_calibration``) for ``abnormality``."""
+        if self.prior is None:
+            raise RuntimeError("set_score_calibration: the model has no normality prior (prior=None)")
+        self.prior.set_score_calibration(quantiles)
+
+    def set_prior_fitting(self, enabled: bool = True) -> None:
+        """Fit the normality prior during training forwards (default) or keep it fixed.
+
+        With fitting off the prior is still applied (scores, residuals, fusion) but is told that no
+        anatomy is normal, so its losses are zero and its codebook and feature statistics do not move
+        (stage schedules: fit it in its own stage, then keep it fixed while the backbone trains on).
+        Every rank must use the same setting (the prior's DDP collectives depend on it only through
+        all-reduced counts, so mixed settings would still not hang, but would fit on some ranks only).
+        """
+        self.fit_prior = bool(enabled)
+
+    def no_weight_decay(self) -> List[str]:
+        """Names of parameters that should not be weight-decayed (embeddings, tokens, norms, biases, scales)."""
+        names = []
+        for name, p in self.named_parameters():
+            if p.ndim <= 1 or name.endswith(("position_embeddings", "cls_token", "anatomy_queries")) or "condition" in name:
+                names.append(name)
+        return names
+
+    def layout_json(self) -> str:
+        """The deploy layout (``networks.deploy.describe_layout``) as JSON."""
+        from .deploy import describe_layout
+
+        return json.dumps(describe_layout(self.catalog, self.spatial_dims))
+
+    # ------------------------------------------------------------------------------------ forward
+    def _check_inputs(self, image: torch.Tensor, anatomy: Optional[torch.Tensor], normal: Optional[torch.Tensor], regions: str) -> None:
+        if regions not in REGION_MODES:
+            raise ValueError(f"AnatomyVLPModel: regions must be one of {REGION_MODES}, got {regions!r}")
+        if image.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                f"AnatomyVLPModel: image must be (B, C, *spatial) with {self.spatial_dims} spatial dims, "
+                f"got shape {tuple(image.shape)}"
+            )
+        b, m = image.shape[0], self.num_anatomies
+        if anatomy is None:
+            if regions == "mask":
+                raise ValueError("AnatomyVLPModel: regions='mask' needs the anatomy masks")
+        elif anatomy.dim() != image.dim() or anatomy.shape[0] != b or anatomy.shape[1] != m or anatomy.shape[2:] != image.shape[2:]:
+            raise ValueError(
+                f"AnatomyVLPModel: anatomy must be (B, M, *spatial) = {(b, m) + tuple(image.shape[2:])}, "
+                f"got {tuple(anatomy.shape)}"
+            )
+        if normal is not None:
+            if normal.dtype != torch.bool:
+                raise TypeError(f"AnatomyVLPModel: normal must be a bool (B, M) tensor, got {normal.dtype}")
+            if tuple(normal.shape) != (b, m):
+                raise ValueError(f"AnatomyVLPModel: normal must be (B, M) = {(b, m)}, got {tuple(normal.shape)}")
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        anatomy: Optional[torch.Tensor] = None,
+        normal: Optional[torch.Tensor] = None,
+        regions: str = "auto",
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            image: ``(B, in_channels, *S)`` in [0, 1], every ``S[a]`` a multiple of the patch size.
+            anatomy: optional ``(B, M, *S)`` binary region masks (zero where not given).
+            normal: optional ``(B, M)`` bool, anatomies whose findings are all known absent: only
+                they fit the normality prior (its losses and codebook).
+            regions: ``"auto"`` | ``"mask"`` | ``"predicted"`` (see the module docstring).
+
+        Returns:
+            dict of tensors (``E`` = embed_dim, ``F`` = catalog.max_findings, ``S`` = study findings,
+            ``K`` = global findings, ``N`` = tokens, ``G`` = the prior's grid):
+
+            - ``cls_emb`` (B, E), ``region_emb`` (B, M, E), ``region_emb_view2`` (B, M, E): unit vectors;
+            - ``boxes`` (B, M, 2d) normalised (cx, cy, [cz], w, h, [d]); ``presence_logits`` (B, M);
+            - ``zero_shot_logits`` (B, M, F) (0 on padding), ``study_logits`` (B, S);
+            - ``anatomy_score`` (B, M) worst patch error, ``abnormality`` (B, M) in [0, 1] (prior:
+              calibrated percentile, or ``score / (1 + score)`` before calibration; no prior: the
+              largest finding probability); ``patch_error`` (B, M, *G) deviation map; ``prior_grid``
+              (d,) long; ``perplexity``; ``loss_commitment``, ``loss_reconstruction`` (zeros
+              without prior);
+            - ``region_weights`` (B, M, N) token weights of each region, ``token_grid`` (d,) long;
+            - for ``VLPCriterion``: ``logit_scale``, ``disease_logit_scale``, ``logit_bias`` (0-d),
+              ``prompt_pos`` / ``prompt_neg`` (M, F, E), ``prompt_valid`` (M, F),
+              ``global_prompt_emb`` (K, E), ``global_membership`` (K, M, F),
+              ``global_study_index`` (K,), ``study_pos`` / ``study_neg`` (S, E).
+        """
+        # MONAI's MetaTensor (collated batches) carries per-sample metadata that breaks boolean
+        # indexing inside the prior: compute on plain tensors
+        image = _plain(image)
+        anatomy = None if anatomy is None else _plain(anatomy)
+        normal = None if normal is None else _plain(normal)
+        self._check_inputs(image, anatomy, normal, regions)
+        spatial = [int(s) for s in image.shape[2:]]
+        grid = self.backbone.token_grid(spatial)
+        b, m = image.shape[0], self.num_anatomies
+
+        use_masks = anatomy is not None and regions != "predicted"
+        mask_tokens: Optional[torch.Tensor] = None
+        stem_mask_tokens: Optional[torch.Tensor] = None
+        if use_masks:
+            stem_stride = self.backbone.stem_stride
+            if self.prior is not None and self.prior_on == "stem" and stem_stride != self.backbone.patch_size:
+                # one pass over the full-resolution masks: the stem grid first, the token grid from it
+                # (a token holds an anatomy iff one of its stem cells does)
+                stem_mask_tokens = masks_to_token_mask(anatomy, stem_stride)
+                stem_grid = [s // st for s, st in zip(spatial, stem_stride)]
+                ratio = [p // st for p, st in zip(self.backbone.patch_size, stem_stride)]
+                mask_tokens = masks_to_token_mask(stem_mask_tokens.reshape([b, m] + stem_grid), ratio)
+            else:
+                mask_tokens = masks_to_token_mask(anatomy, self.backbone.patch_size)
+        attn_region = mask_tokens if (self.mask_guided_attention and mask_tokens is not None) else None
+
+        feats = self.backbone(image, attn_region)
+        queries, patch_tokens = feats["queries"], feats["patch_tokens"]
+        det = self.box_head(queries)
+        boxes = det["boxes"]
+
+        weights = _region_tokens(boxes, grid, mask_tokens, regions, self.soft_boxes)
+        region_feat = self.pooling(queries, patch_tokens, grid, weights, None)
+
+        device = image.device
+        if self.prior is not None:
+            if self.prior_on == "stem":
+                prior_input = feats["stem_features"]
+            else:
+                prior_input = patch_tokens.transpose(1, 2).reshape(b, patch_tokens.shape[-1], *grid)
+            prior_grid = [int(s) for s in prior_input.shape[2:]]
+            # stem_mask_tokens is None only when the stem grid is the token grid
+            prior_mask = stem_mask_tokens if stem_mask_tokens is not None else mask_tokens
+            prior_region = _region_tokens(boxes, prior_grid, prior_mask, regions, False) > 0.5
+            p = self.prior(prior_input.flatten(2), prior_region, normal if self.fit_prior else None)
+            prior_feat = prior_summary_features(p["residual_stats"], p["anatomy_score"])
+            anatomy_score = p["anatomy_score"]
+            patch_error = p["patch_error"].reshape(b, m, *prior_grid)
+            loss_commitment, loss_reconstruction, perplexity = p["loss_commitment"], p["loss_reconstruction"], p["perplexity"]
+        else:
+            prior_grid = grid
+            prior_feat = region_feat.new_zeros(b, m, 0)
+            anatomy_score = torch.zeros(b, m, device=device)
+            patch_error = torch.zeros([b, m] + grid, device=device)
+            loss_commitment = torch.zeros((), device=device)
+            loss_reconstruction = torch.zeros((), device=device)
+            perplexity = torch.zeros((), device=device)
+
+        region_emb = self.region_proj(region_feat, prior_feat)
+        if self.training:
+            keep = (torch.rand(weights.shape, device=weights.device) < self.view2_keep).to(weights.dtype)
+            subset = weights * keep
+            subset = torch.where(subset.sum(-1, keepdim=True) > 0, subset, weights)
+            region_emb_view2 = self.region_proj(self.pooling(queries, patch_tokens, grid, subset, None), prior_feat)
+        else:
+            region_emb_view2 = region_emb
+        cls_emb = self.cls_proj(feats["cls"])
+
+        scale = self.logit_scale()
+        zs_logits = zero_shot_logits(region_emb, self.prompt_pos, self.prompt_neg, scale)
+        study_logits = zero_shot_logits(cls_emb.unsqueeze(1), self.study_pos.unsqueeze(0), self.study_neg.unsqueeze(0), scale)[:, 0]
+
+        with torch.no_grad():
+            if self.prior is not None:
+                abnormality = abnormality_from_score(anatomy_score, self.prior.score_quantiles, self.prior.score_calibrated)
+            else:
+                abnormality = max_finding_probability(torch.sigmoid(zs_logits.float()), self.prompt_valid)
+
+        return {
+            "cls_emb": cls_emb,
+            "region_emb": region_emb,
+            "region_emb_view2": region_emb_view2,
+            "boxes": boxes,
+            "presence_logits": det["presence_logits"],
+            "zero_shot_logits": zs_logits,
+            "study_logits": study_logits,
+            "anatomy_score": anatomy_score,
+            "abnormality": abnormality,
+            "patch_error": patch_error,
+            "prior_grid": torch.tensor(prior_grid, dtype=torch.long),
+            "perplexity": perplexity,
+            "loss_commitment": loss_commitment,
+            "loss_reconstruction": loss_reconstruction,
+            "region_weights": weights,
+            "token_grid": torch.tensor(grid, dtype=torch.long),
+            "logit_scale": scale,
+            "disease_logit_scale": self.disease_logit_scale(),
+            "logit_bias": self.logit_bias,
+            "prompt_pos": self.prompt_pos,
+            "prompt_neg": self.prompt_neg,
+            "prompt_valid": self.prompt_valid,
+            "global_prompt_emb": self.global_emb,
+            "global_membership": self.global_membership,
+            "global_study_index": self.global_study_index,
+            "study_pos": self.study_pos,
+            "study_neg": self.study_neg,
+        }
