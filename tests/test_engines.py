@@ -1,0 +1,196 @@
+"""Engines: stage schedule (resume-safe), the VLP iteration (gradient accumulation, bf16 on CPU),
+checkpoint extras and threshold calibration."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from anatomy_vlp_bundle.data.catalog import load_catalog
+from anatomy_vlp_bundle.engines.calibration import closest_to_corner_threshold
+from anatomy_vlp_bundle.engines.checkpoint import CheckpointExtras
+from anatomy_vlp_bundle.engines.iteration import VLPEvalIteration, VLPTrainIteration
+from anatomy_vlp_bundle.engines.stages import Stage, StageScheduleHandler, parse_stages, stage_boundaries, stage_index
+from anatomy_vlp_bundle.losses.criterion import build_criterion
+from anatomy_vlp_bundle.networks.vlp_model import AnatomyVLPModel
+
+torch.set_num_threads(1)
+
+SHAPE = (16, 16, 16)
+
+
+# ----------------------------------------------------------------------------- stages
+def test_stage_boundaries_and_index():
+    stages = parse_stages(None)  # DESIGN.md default: detection, disease, normality, alignment
+    assert [s.name for s in stages] == ["detection", "disease", "normality", "alignment"]
+    assert stage_boundaries(stages, 20) == [1, 4, 7, 9]
+    names = [stages[stage_index(stages, e, 20)].name for e in range(1, 21)]
+    assert names[:3] == ["detection"] * 3 and names[3:6] == ["disease"] * 3
+    assert names[6:8] == ["normality"] * 2 and names[8:] == ["alignment"] * 12
+    # a run shorter than the schedule still ends in the last stage
+    assert stages[stage_index(stages, 2, 2)].name == "alignment"
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_stages([{"name": "x", "terms": ["detection"], "epoch": 1}])
+    with pytest.raises(ValueError, match="epochs"):
+        parse_stages([{"name": "x", "terms": ["detection"], "epochs": 0}])
+
+
+def test_stage_handler_is_derived_from_epoch():
+    criterion = build_criterion()
+    handler = StageScheduleHandler(None, criterion)
+    # a resumed run: the handler has never run, the engine is restored at epoch 15 of 20
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=15, max_epochs=20))
+    handler(engine)
+    assert engine.state.vlp_stage.name == "alignment" and engine.state.vlp_stage.fit_prior
+    assert set(criterion.active_terms()) == {"detection", "normality", "global", "fine_grained", "prompt_pair"}
+    engine.state.epoch = 5
+    handler(engine)
+    assert engine.state.vlp_stage.name == "disease"
+    assert set(criterion.active_terms()) == {"detection", "disease"} and criterion.weights["disease"] == 1.0
+    engine.state.epoch = 1
+    handler(engine)
+    assert criterion.active_terms() == ["detection"] and criterion.weights["disease"] == 0.0  # base weight back
+    with pytest.raises(ValueError, match="unknown loss term"):
+        StageScheduleHandler([{"name": "x", "terms": ["nope"]}], criterion)
+
+
+# ----------------------------------------------------------------------------- iteration
+def _model(prior=None):
+    torch.manual_seed(0)
+    return AnatomyVLPModel(
+        _catalog(), img_size=SHAPE, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+        stem_channels=(8, 16), prior=prior, embed_dim=16,
+    )
+
+
+def _catalog():
+    return load_catalog("ct_totalseg")
+
+
+def _batch(n, seed=0):
+    cat = _catalog()
+    g = torch.Generator().manual_seed(seed)
+    m, f = cat.num_anatomies, cat.max_findings
+    anatomy = torch.zeros(n, m, *SHAPE, dtype=torch.uint8)
+    boxes = torch.zeros(n, m, 6)
+    for b in range(n):
+        for i in range(m):
+            lo = torch.randint(0, 8, (3,), generator=g)
+            anatomy[b, i, lo[0]:lo[0] + 6, lo[1]:lo[1] + 6, lo[2]:lo[2] + 6] = 1
+            boxes[b, i] = torch.cat([lo, lo + 6]).float()
+    return {
+        "image": torch.rand(n, 1, *SHAPE, generator=g),
+        "anatomy": anatomy,
+        "anatomy_presence": torch.ones(n, m),
+        "anatomy_boxes": boxes,
+        "findings": torch.randint(0, 2, (n, m, f), generator=g).float(),
+        "study_findings": torch.zeros(n, len(cat.study_findings)),
+    }
+
+
+def _engine(net, acc, epoch_length, stage=None):
+    return SimpleNamespace(
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+        accumulation_steps=acc,
+        non_blocking=False,
+        state=SimpleNamespace(device=torch.device("cpu"), iteration=0, epoch_length=epoch_length, vlp_stage=stage),
+    )
+
+
+def _per_sample_loss(outputs, targets):
+    # a loss that is a mean over samples: accumulating two halves must equal the whole batch
+    return {"loss": (outputs["boxes"] - 0.5).pow(2).mean() + outputs["zero_shot_logits"].pow(2).mean()}
+
+
+def test_gradient_accumulation_equals_big_batch():
+    stage = Stage("s", 1, ("detection",), fit_prior=False)
+    batch = _batch(4)
+    big = _model()
+    eng = _engine(big, acc=1, epoch_length=1, stage=stage)
+    eng.state.iteration = 1
+    VLPTrainIteration(_per_sample_loss)(eng, batch)
+    ref = {n: p.grad.clone() for n, p in big.named_parameters() if p.grad is not None}
+
+    small = _model()
+    eng = _engine(small, acc=2, epoch_length=2, stage=stage)
+    it = VLPTrainIteration(_per_sample_loss)
+    for i, half in enumerate(({k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()})):
+        eng.state.iteration = i + 1
+        it(eng, half)
+    got = {n: p.grad for n, p in small.named_parameters() if p.grad is not None}
+    assert set(got) == set(ref) and len(ref) > 10
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_on_cpu_and_loss_terms():
+    net = _model(prior={"codes_per_anatomy": 4, "code_dim": 8, "hidden_dim": 16, "top_k": 2})
+    seen = []
+    net.register_forward_hook(lambda mod, args, out: seen.append((torch.is_autocast_enabled("cpu"), out["region_emb"].dtype)))
+    criterion = build_criterion()
+    eng = _engine(net, acc=1, epoch_length=1)
+    eng.state.iteration = 1
+    out = VLPTrainIteration(criterion, amp=True, amp_dtype="bfloat16", grad_clip=1.0)(eng, _batch(2))
+    assert seen[0][0] is True
+    assert np.isfinite(out["loss"]) and {"detection", "detection.giou", "normality", "global", "prompt_pair"} <= set(out)
+    assert all(isinstance(v, float) for k, v in out.items() if k != "batch_size")
+    # fp32 path: autocast off
+    VLPTrainIteration(criterion, amp=False)(eng, _batch(2))
+    assert seen[1][0] is False
+    # an all-skipped batch makes no step and does not fail
+    assert VLPTrainIteration(criterion)(eng, {})["skipped"] == 1
+
+
+def test_eval_iteration_both_region_modes():
+    net = _model()
+    eng = _engine(net, acc=1, epoch_length=1)
+    out = VLPEvalIteration(("predicted", "mask"))(eng, _batch(2))
+    assert set(out) == {"predicted", "mask"}
+    m = _catalog().num_anatomies
+    for mode in out.values():
+        assert mode["zero_shot_probs"].shape == (2, m, _catalog().max_findings)
+        assert 0 <= float(mode["zero_shot_probs"].min()) and float(mode["zero_shot_probs"].max()) <= 1
+        assert mode["boxes_pred"].shape == mode["boxes_true"].shape == (2, m, 6)
+    # image-only mode ignores the masks: different masks, same predictions
+    batch = _batch(2)
+    batch2 = dict(batch, anatomy=torch.zeros_like(batch["anatomy"]))
+    a = VLPEvalIteration(("predicted",))(eng, batch)["predicted"]["zero_shot_probs"]
+    b = VLPEvalIteration(("predicted",))(eng, batch2)["predicted"]["zero_shot_probs"]
+    torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- checkpoint and calibration
+def test_checkpoint_extras_roundtrip(tmp_path):
+    net = _model()
+    net.set_thresholds(torch.full_like(net.thresholds, 0.3))
+    extras = CheckpointExtras(net, version="9.9")
+    torch.save({"model": net.state_dict(), "extras": extras.state_dict()}, tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ckpt["extras"]["version"] == "9.9" and ckpt["extras"]["catalog"]["name"] == _catalog().name
+    assert ckpt["extras"]["model_config"]["hidden_size"] == 32
+    other = _model()
+    CheckpointExtras(other).load_state_dict(ckpt["extras"])
+    assert torch.allclose(other.thresholds, torch.tensor(0.3))
+
+
+def test_closest_to_corner_threshold():
+    probs = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9, 0.5])
+    labels = np.array([0, 0, 0, 1, 1, 1, -2])  # unknown ignored
+    assert closest_to_corner_threshold(probs, labels) == pytest.approx(0.7)
+    assert closest_to_corner_threshold(probs, np.zeros(7)) == 0.5  # one class only: default
+
+
+def test_training_refuses_a_datalist_with_errors(tmp_path):
+    from anatomy_vlp_bundle.engines.workflow import prepare_datalist
+    from anatomy_vlp_bundle.synthetic.ct import generate_ct_dataset
+
+    path = generate_ct_dataset(tmp_path / "ct", n_cases=3, seed=0, shape=(16, 16, 16), spacing=(16.0, 16.0, 16.0), progress=False)
+    assert prepare_datalist(str(tmp_path / "ct")) == str(path)
+    images = sorted((tmp_path / "ct").rglob("*image*.nii.gz")) or sorted((tmp_path / "ct").rglob("*.nii.gz"))
+    images[0].unlink()
+    with pytest.raises(ValueError, match="error"):
+        prepare_datalist(str(tmp_path / "ct"))
+    with pytest.raises(FileNotFoundError, match="datalist.json"):
+        prepare_datalist(str(tmp_path / "empty"), generate=False)
