@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from anatomy_vlp_bundle.data.catalog import load_catalog
 from anatomy_vlp_bundle.data.labels import ABSENT, PRESENT, UNCERTAIN, UNKNOWN
 from anatomy_vlp_bundle.losses import (
     anatomy_abnormal,
@@ -513,3 +514,29 @@ def test_make_targets_and_criterion_keys():
         make_targets(batch, None)
     with pytest.raises(KeyError, match="anatomy_boxes"):
         make_targets({k: v for k, v in batch.items() if k != "anatomy_boxes"}, out)
+
+
+def test_image_patches_are_the_input_blocks_in_2d_and_3d():
+    from anatomy_vlp_bundle.networks.vlp_model import image_patches
+
+    x3 = torch.arange(2 * 8 * 8 * 4, dtype=torch.float32).reshape(2, 1, 8, 8, 4)
+    p3 = image_patches(x3, [4, 4, 2])
+    assert p3.shape == (2, 32, 2, 2, 2)
+    assert torch.equal(p3[1, :, 0, 1, 1], x3[1, 0, 0:4, 4:8, 2:4].reshape(-1))
+    x2 = torch.arange(8 * 8, dtype=torch.float32).reshape(1, 1, 8, 8)
+    assert torch.equal(image_patches(x2, [4, 4])[0, :, 1, 0], x2[0, 0, 4:8, 0:4].reshape(-1))
+    assert torch.equal(torch.jit.script(image_patches)(x3, [4, 4, 2]), p3)
+
+
+def test_prior_on_raw_image_patches_runs_and_scripts():
+    from anatomy_vlp_bundle.networks.deploy import DeployWrapper
+
+    catalog = load_catalog("synthetic_ct")
+    model = AnatomyVLPModel(catalog, img_size=[32, 32, 32], patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                            prior_on="image").eval()
+    assert model.prior.feature_dim == 4 * 4 * 4  # one raw 4x4x4 block per stem cell
+    image = torch.rand(1, 1, 32, 32, 32)
+    out = model(image)
+    assert out["patch_error"].shape == (1, catalog.num_anatomies, 8, 8, 8)
+    wrapper = DeployWrapper(model)
+    assert torch.allclose(torch.jit.script(wrapper)(image), wrapper(image), atol=1e-5)

@@ -44,7 +44,7 @@ import torch.nn as nn
 from ..data.catalog import Catalog, load_catalog
 from ..losses.alignment import zero_shot_logits
 from .box_ops import boxes_to_token_mask
-from .vlp_model import AnatomyVLPModel, abnormality_from_score, max_finding_probability, prior_summary_features
+from .vlp_model import AnatomyVLPModel, abnormality_from_score, image_patches, max_finding_probability, prior_summary_features
 
 __all__ = ["DeployWrapper", "describe_layout", "script_deploy", "export_torchscript", "LAYOUT_VERSION"]
 
@@ -132,6 +132,7 @@ class DeployWrapper(nn.Module):
         self.num_findings: int = model.num_findings
         self.num_study_findings: int = model.num_study_findings
         self.prior_on: str = model.prior_on
+        self.stem_stride: List[int] = [int(v) for v in model.backbone.stem_stride]
         self.soft_boxes: bool = model.soft_boxes
         self.stem_stride: List[int] = list(model.backbone.stem_stride)
         layout = describe_layout(model.catalog, model.spatial_dims)
@@ -168,6 +169,8 @@ class DeployWrapper(nn.Module):
         if self.prior is not None:
             if self.prior_on == "stem":
                 prior_input = feats["stem_features"]
+            elif self.prior_on == "image":
+                prior_input = image_patches(image, self.stem_stride)
             else:
                 prior_input = patch_tokens.transpose(1, 2).reshape([b, patch_tokens.shape[2]] + grid)
             prior_grid: List[int] = []

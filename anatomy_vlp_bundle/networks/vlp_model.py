@@ -46,6 +46,8 @@ criterion with ``connect_all_outputs=True`` (``losses.criterion.build_criterion`
 
 from __future__ import annotations
 
+import math
+
 import copy
 import json
 from collections.abc import Mapping, Sequence
@@ -76,7 +78,7 @@ __all__ = [
 #: NormalityPrior options used when ``prior`` is not given (see :class:`NormalityPrior`).
 DEFAULT_PRIOR: Dict[str, Any] = {"codes_per_anatomy": 64, "code_dim": 64, "hidden_dim": 128, "top_k": 4}
 REGION_MODES = ("auto", "mask", "predicted")
-PRIOR_INPUTS = ("stem", "tokens")
+PRIOR_INPUTS = ("stem", "tokens", "image")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -182,6 +184,31 @@ def _region_tokens(
 
 
 # --------------------------------------------------------------------------------------------- model
+def image_patches(image: torch.Tensor, patch: List[int]) -> torch.Tensor:
+    """Non-overlapping patches of the input as channels: ``(B, C, *S)`` -> ``(B, C * prod(patch), *S // patch)``.
+
+    TorchScript-compatible (used by the deploy wrapper too).
+    """
+    b, c = image.shape[0], image.shape[1]
+    shape: List[int] = [b, c]
+    grid: List[int] = []
+    volume = 1
+    for i in range(len(patch)):
+        g = int(image.shape[2 + i]) // patch[i]
+        grid.append(g)
+        shape += [g, patch[i]]
+        volume *= patch[i]
+    x = image.reshape(shape)
+    d = len(patch)
+    # (B, C, g1, p1, g2, p2[, g3, p3]) -> (B, C, p1, p2[, p3], g1, g2[, g3])
+    order: List[int] = [0, 1]
+    for i in range(d):
+        order.append(3 + 2 * i)
+    for i in range(d):
+        order.append(2 + 2 * i)
+    return x.permute(order).reshape([b, c * volume] + grid)
+
+
 class AnatomyVLPModel(nn.Module):
     """Anatomy-aware vision-language model (2D CXR or 3D CT); see the module docstring.
 
@@ -201,7 +228,9 @@ class AnatomyVLPModel(nn.Module):
             ``top_k``, ``decay``, ``commitment_cost``, ``ddp_sync``, ...); default
             :data:`DEFAULT_PRIOR`; ``None`` = the "no prior" ablation (region feature alone).
         prior_on: ``"stem"`` (default: the stem's early per-patch features, finer than the token
-            grid when ``conv_stem``) or ``"tokens"`` (the final patch tokens on the token grid).
+            grid when ``conv_stem``), ``"image"`` (the raw voxels of each stem-stride patch, e.g.
+            4 x 4 x 4 = 64 values: features that do not drift while the backbone trains, as in the
+            design's measured patch prior) or ``"tokens"`` (the final patch tokens on the token grid).
         mask_guided_attention: when masks define the regions, each query attends only to [CLS],
             itself and its region's tokens (fVLM). Image-only inference then differs from training
             (no masks): meant for mask-mode training and evaluation.
@@ -330,7 +359,12 @@ class AnatomyVLPModel(nn.Module):
         self.prior: Optional[NormalityPrior]
         prior_dim = 0
         if prior is not None:
-            feature_dim = self.backbone.stem_channels if prior_on == "stem" else hidden_size
+            if prior_on == "stem":
+                feature_dim = self.backbone.stem_channels
+            elif prior_on == "image":
+                feature_dim = in_channels * math.prod(self.backbone.stem_stride)
+            else:
+                feature_dim = hidden_size
             self.prior = NormalityPrior(feature_dim, m, **dict(prior))
             prior_dim = 2 * feature_dim + 1
         else:
@@ -533,7 +567,7 @@ class AnatomyVLPModel(nn.Module):
         stem_mask_tokens: Optional[torch.Tensor] = None
         if use_masks:
             stem_stride = self.backbone.stem_stride
-            if self.prior is not None and self.prior_on == "stem" and stem_stride != self.backbone.patch_size:
+            if self.prior is not None and self.prior_on != "tokens" and stem_stride != self.backbone.patch_size:
                 # one pass over the full-resolution masks: the stem grid first, the token grid from it
                 # (a token holds an anatomy iff one of its stem cells does)
                 stem_mask_tokens = masks_to_token_mask(anatomy, stem_stride)
@@ -556,6 +590,8 @@ class AnatomyVLPModel(nn.Module):
         if self.prior is not None:
             if self.prior_on == "stem":
                 prior_input = feats["stem_features"]
+            elif self.prior_on == "image":
+                prior_input = image_patches(image, self.backbone.stem_stride)
             else:
                 prior_input = patch_tokens.transpose(1, 2).reshape(b, patch_tokens.shape[-1], *grid)
             prior_grid = [int(s) for s in prior_input.shape[2:]]
