@@ -540,3 +540,18 @@ def test_prior_on_raw_image_patches_runs_and_scripts():
     assert out["patch_error"].shape == (1, catalog.num_anatomies, 8, 8, 8)
     wrapper = DeployWrapper(model)
     assert torch.allclose(torch.jit.script(wrapper)(image), wrapper(image), atol=1e-5)
+
+
+def test_interior_prior_cells_leave_out_cells_on_the_region_border():
+    catalog = load_catalog("synthetic_ct")
+    kw = dict(img_size=[32, 32, 32], patch_size=8, hidden_size=32, num_layers=1, num_heads=2, prior_on="image")
+    anatomy = torch.zeros(1, catalog.num_anatomies, 32, 32, 32, dtype=torch.uint8)
+    anatomy[:, 0, 2:22, 4:20, 4:20] = 1  # x: cells 1..4 inside, cells 0 and 5 straddle the border
+    image = torch.rand(1, 1, 32, 32, 32)
+    counts = {}
+    for cells in ("any", "interior"):
+        model = AnatomyVLPModel(catalog, prior_cells=cells, **kw).eval()
+        out = model(image, anatomy=anatomy, regions="mask")
+        counts[cells] = int((out["patch_error"][0, 0] > 0).sum())
+    assert counts["any"] == 6 * 4 * 4
+    assert counts["interior"] == 4 * 4 * 4

@@ -132,6 +132,7 @@ class DeployWrapper(nn.Module):
         self.num_findings: int = model.num_findings
         self.num_study_findings: int = model.num_study_findings
         self.prior_on: str = model.prior_on
+        self.prior_interior: bool = model.prior_cells == "interior"
         self.stem_stride: List[int] = [int(v) for v in model.backbone.stem_stride]
         self.soft_boxes: bool = model.soft_boxes
         self.stem_stride: List[int] = list(model.backbone.stem_stride)
@@ -176,7 +177,10 @@ class DeployWrapper(nn.Module):
             prior_grid: List[int] = []
             for s in prior_input.shape[2:]:
                 prior_grid.append(int(s))
-            prior_region = boxes_to_token_mask(boxes, prior_grid, False)
+            if self.prior_interior:
+                prior_region = boxes_to_token_mask(boxes, prior_grid, True) > 0.999
+            else:
+                prior_region = boxes_to_token_mask(boxes, prior_grid, False)
             p = self.prior(prior_input.flatten(2), prior_region, None)
             anatomy_score = p["anatomy_score"]
             prior_feat = prior_summary_features(p["residual_stats"], anatomy_score)
