@@ -496,13 +496,14 @@ def test_make_targets_and_criterion_keys():
     assert not targets["sentence_valid"][3, 1]  # out of view: no sentence target
     assert targets["anatomy_normal"][:2, :2].all() and not targets["anatomy_normal"][:, 2].any()
     logs = build_criterion({"disease": 1.0})(out, targets)
-    for key in ("detection", "detection.l1", "detection.giou", "detection.presence", "normality.commitment",
+    for key in ("detection", "detection.l1", "detection.giou", "detection.presence", "detection.mask", "normality.commitment",
                 "normality.reconstruction", "global", "fine_grained", "fine_grained.floor", "prompt_pair", "disease"):
         assert key in logs, key
         assert torch.isfinite(logs[key]), key
     w = build_criterion({}).weights
-    expected = 5 * logs["detection.l1"] + 2 * logs["detection.giou"] + logs["detection.presence"]
+    expected = 5 * logs["detection.l1"] + 2 * logs["detection.giou"] + logs["detection.presence"] + logs["detection.mask"]
     torch.testing.assert_close(logs["detection"], expected)
+    assert targets["anatomy_masks"].shape == batch["anatomy"].shape
     assert w["detection.l1"] == 5.0
 
     # no sentence embeddings: the fine-grained term is skipped (a connected zero)

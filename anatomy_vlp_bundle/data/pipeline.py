@@ -70,20 +70,26 @@ def default_augment(spatial_dims: int) -> dict[str, Any]:
     before resizing); ``noise_prob``, ``noise_std``, ``scale_prob``, ``scale_factor``, ``shift_prob``,
     ``shift_offset`` (image intensity only, on the [0, 1] scale).
     """
+    ct = spatial_dims == 3
     return {
         "enabled": True,
-        "flip_prob": (0.0, 0.2, 0.2) if spatial_dims == 3 else (0.0, 0.0),
+        # CT: no flips (an upside-down or back-to-front abdomen is not a plausible scan)
+        "flip_prob": (0.0, 0.0, 0.0) if ct else (0.0, 0.0),
         "rotate_prob": 0.3,
         "rotate_range": 0.1,
-        "zoom_prob": 0.3,
+        # CT: no zoom (organ volume is what enlargement and atrophy findings are; a CXR zoom keeps
+        # the cardiothoracic ratio)
+        "zoom_prob": 0.0 if ct else 0.3,
         "zoom_range": (0.9, 1.1),
         "random_crop": True,
         "crop_scale": 0.85,
         "noise_prob": 0.15,
         "noise_std": 0.01,
-        "scale_prob": 0.3,
+        # CT: no intensity scale/shift (Hounsfield units are absolute: a 0.05 shift on the [0, 1]
+        # scale is 100 HU, more than steatosis or osteopenia change); CXR exposure varies
+        "scale_prob": 0.0 if ct else 0.3,
         "scale_factor": 0.1,
-        "shift_prob": 0.3,
+        "shift_prob": 0.0 if ct else 0.3,
         "shift_offset": 0.05,
     }
 

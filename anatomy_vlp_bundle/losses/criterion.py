@@ -27,7 +27,7 @@ import torch
 
 from ..data.labels import ABSENT, PRESENT, UNCERTAIN, UNKNOWN
 from .alignment import VLPCriterion, builtin_terms, global_finding_labels
-from .detection import detection_loss
+from .detection import detection_loss, mask_loss
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -46,6 +46,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "detection.l1": 5.0,
     "detection.giou": 2.0,
     "detection.presence": 1.0,
+    "detection.mask": 1.0,
     "normality": 1.0,
     "global": 1.0,
     "fine_grained": 1.0,
@@ -127,15 +128,22 @@ def anatomy_abnormal(
 
 # --------------------------------------------------------------------------- extra terms
 def detection_term(outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """``detection``: outputs ``boxes``, ``presence_logits``; targets ``anatomy_boxes``,
-    ``anatomy_presence``, ``spatial_shape``. Components ``l1``, ``giou``, ``presence``."""
-    return detection_loss(
+    """``detection``: outputs ``boxes``, ``presence_logits``, optional ``mask_logits``; targets
+    ``anatomy_boxes``, ``anatomy_presence``, ``spatial_shape``, optional ``anatomy_masks``.
+    Components ``l1``, ``giou``, ``presence`` and, with a segmentation head and given masks,
+    ``mask`` (:func:`~.detection.mask_loss`)."""
+    out = detection_loss(
         outputs["boxes"],
         outputs["presence_logits"],
         targets["anatomy_boxes"],
         targets["anatomy_presence"],
         targets["spatial_shape"],
     )
+    logits = outputs.get("mask_logits")
+    masks = targets.get("anatomy_masks")
+    if isinstance(logits, torch.Tensor) and logits.numel() > 0 and masks is not None:
+        out["mask"] = mask_loss(logits, masks, targets["anatomy_presence"])
+    return out
 
 
 def normality_term(outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -276,6 +284,8 @@ def make_targets(
         "anatomy_abnormal": abnormal,
         "anatomy_valid": normal | abnormal,
     }
+    if batch.get("anatomy") is not None:
+        targets["anatomy_masks"] = _tensor(batch["anatomy"], device, "anatomy")
 
     membership = global_membership if global_membership is not None else outputs.get("global_membership")
     study_index = global_study_index if global_study_index is not None else outputs.get("global_study_index")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..data.labels import ABSENT, PRESENT
 from ..networks.box_ops import boxes_to_normalized_cxcywh, cxcywh_to_corners, elementwise_giou
 
-__all__ = ["detection_loss", "present_box_mask"]
+__all__ = ["detection_loss", "mask_loss", "present_box_mask"]
 
 
 def present_box_mask(target_boxes: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
@@ -111,3 +111,37 @@ def detection_loss(
     bce = F.binary_cross_entropy_with_logits(presence_logits.float(), (codes == PRESENT).float(), reduction="none")
     loss_presence = (bce * known).sum() / known.sum().clamp(min=1.0)
     return {"l1": l1, "giou": loss_giou, "presence": loss_presence}
+
+
+def mask_loss(mask_logits: torch.Tensor, masks: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """Anatomy mask loss on the segmentation head's grid: BCE + soft Dice (MONAI ``DiceLoss``).
+
+    The target of each cell is the fraction of its voxels inside the mask (adaptive average
+    pooling of the full-resolution masks onto the logits' grid), so the coarse masks learn partial
+    volumes at organ borders. Entries: anatomies whose mask is non-empty in the sample (BCE + Dice),
+    and anatomies known absent (BCE against an empty target: Dice of an empty target is all
+    smoothing); a present anatomy without a mask is left out.
+
+    Args:
+        mask_logits: ``(B, M, *G)``.
+        masks: ``(B, M, *S)`` binary masks (``S`` a multiple of ``G`` or any size: adaptive pooling).
+        presence: ``(B, M)`` presence codes.
+
+    Returns:
+        0-d loss: mean over entries of ``BCE + Dice`` (0, connected, when no entry qualifies).
+    """
+    from monai.losses import DiceLoss  # local: keeps this module's import light
+
+    masks = masks.as_tensor() if hasattr(masks, "as_tensor") else masks
+    grid = [int(s) for s in mask_logits.shape[2:]]
+    pool = F.adaptive_avg_pool3d if len(grid) == 3 else F.adaptive_avg_pool2d
+    target = pool(masks.float().to(mask_logits.device), grid)
+    b, m = target.shape[0], target.shape[1]
+    nonempty = target.flatten(2).sum(-1) > 0
+    absent = presence.to(mask_logits.device).round().long() == ABSENT
+    valid = (nonempty | absent).float()
+    logits = mask_logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).mean(-1)
+    dice = DiceLoss(sigmoid=True, reduction="none", smooth_nr=1e-3, smooth_dr=1e-3)(logits, target).reshape(b, m)
+    per_entry = bce + dice * nonempty.float()
+    return (per_entry * valid).sum() / valid.sum().clamp_min(1.0)

@@ -44,6 +44,7 @@ import torch.nn as nn
 from ..data.catalog import Catalog, load_catalog
 from ..losses.alignment import zero_shot_logits
 from .box_ops import boxes_to_token_mask
+from .region_stats import region_statistics
 from .vlp_model import AnatomyVLPModel, abnormality_from_score, image_patches, max_finding_probability, prior_summary_features
 
 __all__ = ["DeployWrapper", "describe_layout", "script_deploy", "export_torchscript", "LAYOUT_VERSION"]
@@ -123,6 +124,8 @@ class DeployWrapper(nn.Module):
             self.add_module(name, child)
         if model.prior is None:
             self.prior = None
+        if model.seg_head is None:
+            self.seg_head = None
         for name, param in model.named_parameters(recurse=False):
             self.register_parameter(name, param)
         for name, buf in model.named_buffers(recurse=False):
@@ -135,6 +138,7 @@ class DeployWrapper(nn.Module):
         self.prior_interior: bool = model.prior_cells == "interior"
         self.stem_stride: List[int] = [int(v) for v in model.backbone.stem_stride]
         self.soft_boxes: bool = model.soft_boxes
+        self.region_stats_bins: int = model.region_stats_bins
         self.stem_stride: List[int] = list(model.backbone.stem_stride)
         layout = describe_layout(model.catalog, model.spatial_dims)
         self.num_columns: int = int(layout["K"])
@@ -186,7 +190,14 @@ class DeployWrapper(nn.Module):
             prior_feat = prior_summary_features(p["residual_stats"], anatomy_score)
         else:
             prior_feat = region_feat.new_zeros(b, m, 0)
-        region_emb = self.region_proj(region_feat, prior_feat)
+        stats: Optional[torch.Tensor] = None
+        if self.region_stats_bins > 0:
+            mask_logits: Optional[torch.Tensor] = None
+            if self.seg_head is not None:
+                mask_logits = self.seg_head(feats["stem_features"], patch_tokens, grid)
+            raw_stats, stats_valid = region_statistics(image, None, boxes, "predicted", self.region_stats_bins, mask_logits)
+            stats = self.region_proj.standardize(raw_stats, stats_valid)
+        region_emb = self.region_proj(region_feat, prior_feat, stats)
         cls_emb = self.cls_proj(feats["cls"])
 
         scale = self.logit_scale()

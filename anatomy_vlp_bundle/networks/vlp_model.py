@@ -9,8 +9,10 @@
       RegionPooling ──> region feature = [query ; mean ; max of the region's tokens]   (B, M, 3D)
       NormalityPrior(per-patch features inside the region, detached) ──> residual statistics
                                      (mean residual of the worst patches ; worst residual) + score
-      RegionFusion: concat(region feature, slog(residual stats), log1p(score)) -> MLP -> unit vector
-                    ("fused = f(original, original - reconstruction)")     region_emb (B, M, E)
+      region statistics (region_stats.py): log volume, mean, spread, log density histogram of the
+                    region's voxels, standardised per anatomy (running moments)
+      RegionFusion: concat(region feature, slog(residual stats), log1p(score), statistics) -> MLP
+                    -> unit vector ("fused = f(original, original - reconstruction)")   region_emb (B, M, E)
       [CLS] ──Projection──> cls_emb (B, E)
       zero-shot: region_emb vs the (anatomy, finding) prompt ensembles, cls_emb vs study prompts
 
@@ -62,8 +64,9 @@ from ..losses.alignment import zero_shot_logits
 from ..losses.contrastive import LogitScale
 from .anatomy_vit import AnatomyViT, masks_to_token_mask
 from .box_ops import boxes_to_token_mask
-from .heads import BoxHead, Projection, RegionPooling
+from .heads import BoxHead, Projection, RegionPooling, SegmentationHead
 from .normality_prior import NormalityPrior, calibrated_abnormality
+from .region_stats import RunningStandardize, region_statistics, stats_dim
 
 __all__ = [
     "AnatomyVLPModel",
@@ -136,11 +139,12 @@ def max_finding_probability(probs: torch.Tensor, valid: torch.Tensor) -> torch.T
 
 
 class RegionFusion(nn.Module):
-    """Fuse the region feature with the prior's per-anatomy features and project into text space.
+    """Fuse the region feature with the prior's per-anatomy features (and the region statistics)
+    and project into text space.
 
-    ``Projection(concat(region_feature, prior_features))``: a 2-layer MLP over the concatenation
-    (ViSD-Boost concatenates original and reconstructed features, then a per-organ MLP), output
-    L2-normalised.
+    ``Projection(concat(region_feature, prior_features, standardised region statistics))``: a
+    2-layer MLP over the concatenation (ViSD-Boost concatenates original and reconstructed
+    features, then a per-organ MLP), output L2-normalised.
 
     Args:
         region_dim: width of the pooled region feature (``3 * hidden_size``).
@@ -148,18 +152,42 @@ class RegionFusion(nn.Module):
         embed_dim: text embedding width.
         hidden_dim: MLP hidden width.
         dropout: dropout before the last layer (training only).
+        stats_dim: width of :func:`~.region_stats.region_statistics` (0: not used).
+        num_anatomies: ``M`` (the statistics are standardised per anatomy).
 
-    ``forward(region_feat (B, M, region_dim), prior_feat (B, M, prior_dim))`` -> ``(B, M, embed_dim)``.
+    ``standardize(stats (B, M, stats_dim), valid (B, M))`` standardises the statistics (and, in
+    training, updates the running moments: call it once per forward);
+    ``forward(region_feat (B, M, region_dim), prior_feat (B, M, prior_dim), stats=None)`` ->
+    ``(B, M, embed_dim)`` with ``stats`` the standardised statistics.
     """
 
-    def __init__(self, region_dim: int, prior_dim: int, embed_dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        region_dim: int,
+        prior_dim: int,
+        embed_dim: int,
+        hidden_dim: int,
+        dropout: float = 0.0,
+        stats_dim: int = 0,
+        num_anatomies: int = 1,
+    ) -> None:
         super().__init__()
         self.region_dim = int(region_dim)
         self.prior_dim = int(prior_dim)
-        self.proj = Projection(region_dim + prior_dim, embed_dim, hidden_dim=hidden_dim, dropout=dropout)
+        self.stats_dim = int(stats_dim)
+        self.stats: Optional[RunningStandardize] = RunningStandardize(num_anatomies, stats_dim) if stats_dim > 0 else None
+        self.proj = Projection(region_dim + prior_dim + self.stats_dim, embed_dim, hidden_dim=hidden_dim, dropout=dropout)
 
-    def forward(self, region_feat: torch.Tensor, prior_feat: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([region_feat.float(), prior_feat.to(torch.float32)], dim=-1)
+    def standardize(self, stats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.stats is None:
+            return stats
+        return self.stats(stats, valid)
+
+    def forward(self, region_feat: torch.Tensor, prior_feat: torch.Tensor, stats: Optional[torch.Tensor] = None) -> torch.Tensor:
+        parts = [region_feat.float(), prior_feat.to(torch.float32)]
+        if stats is not None:
+            parts.append(stats.to(torch.float32))
+        x = torch.cat(parts, dim=-1)
         return self.proj(x.to(region_feat.dtype))
 
 
@@ -235,6 +263,16 @@ class AnatomyVLPModel(nn.Module):
             grid when ``conv_stem``), ``"image"`` (the raw voxels of each stem-stride patch, e.g.
             4 x 4 x 4 = 64 values: features that do not drift while the backbone trains, as in the
             design's measured patch prior) or ``"tokens"`` (the final patch tokens on the token grid).
+        region_stats: histogram bins of the region statistics fused with the region feature
+            (volume, mean, spread and density histogram of the region's voxels, see
+            :mod:`.region_stats`); 0 = off (the "no region statistics" ablation).
+        segmentation: a coarse per-anatomy mask head on the stem grid (:class:`SegmentationHead`,
+            output ``mask_logits``): image-only region statistics are taken over the predicted
+            masks instead of the boxes.
+        stats_from_prediction: in training with given masks, the fraction of samples whose region
+            statistics come from the predicted masks instead (so the fusion learns the statistics it
+            will see image-only; detached, the masks are trained by the ``detection.mask`` loss).
+            Without ``conv_stem`` the stem grid is the token grid.
         mask_guided_attention: when masks define the regions, each query attends only to [CLS],
             itself and its region's tokens (fVLM). Image-only inference then differs from training
             (no masks): meant for mask-mode training and evaluation.
@@ -268,6 +306,9 @@ class AnatomyVLPModel(nn.Module):
         prior: Optional[Mapping[str, Any]] = DEFAULT_PRIOR,
         prior_on: str = "stem",
         prior_cells: str = "any",
+        region_stats: int = 32,
+        segmentation: bool = True,
+        stats_from_prediction: float = 0.5,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
         head_dropout: float = 0.0,
@@ -330,6 +371,9 @@ class AnatomyVLPModel(nn.Module):
             "prior": None if prior is None else copy.deepcopy(dict(prior)),
             "prior_on": prior_on,
             "prior_cells": prior_cells,
+            "region_stats": region_stats,
+            "segmentation": segmentation,
+            "stats_from_prediction": stats_from_prediction,
             "mask_guided_attention": mask_guided_attention,
             "dropout": dropout,
             "head_dropout": head_dropout,
@@ -379,7 +423,18 @@ class AnatomyVLPModel(nn.Module):
         else:
             self.prior = None
         proj_hidden = 2 * hidden_size if proj_hidden_dim is None else int(proj_hidden_dim)
-        self.region_proj = RegionFusion(self.pooling.out_dim, prior_dim, embed_dim, proj_hidden, head_dropout)
+        if int(region_stats) < 0:
+            raise ValueError(f"AnatomyVLPModel: region_stats (histogram bins) must be >= 0, got {region_stats}")
+        self.region_stats_bins = int(region_stats)
+        if not 0.0 <= float(stats_from_prediction) <= 1.0:
+            raise ValueError(f"AnatomyVLPModel: stats_from_prediction must be in [0, 1], got {stats_from_prediction}")
+        self.stats_from_prediction = float(stats_from_prediction)
+        self.seg_head: Optional[SegmentationHead] = None
+        if segmentation:
+            self.seg_head = SegmentationHead(dims, self.backbone.stem_channels, hidden_size, m)
+        self.region_proj = RegionFusion(
+            self.pooling.out_dim, prior_dim, embed_dim, proj_hidden, head_dropout, stats_dim(self.region_stats_bins), m
+        )
         self.cls_proj = Projection(hidden_size, embed_dim, hidden_dim=proj_hidden, dropout=head_dropout)
 
         self.logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
@@ -549,6 +604,7 @@ class AnatomyVLPModel(nn.Module):
 
             - ``cls_emb`` (B, E), ``region_emb`` (B, M, E), ``region_emb_view2`` (B, M, E): unit vectors;
             - ``boxes`` (B, M, 2d) normalised (cx, cy, [cz], w, h, [d]); ``presence_logits`` (B, M);
+              ``mask_logits`` (B, M, *S // stem_stride) anatomy mask logits (empty without the head);
             - ``zero_shot_logits`` (B, M, F) (0 on padding), ``study_logits`` (B, S);
             - ``anatomy_score`` (B, M) worst patch error, ``abnormality`` (B, M) in [0, 1] (prior:
               calibrated percentile, or ``score / (1 + score)`` before calibration; no prior: the
@@ -591,6 +647,9 @@ class AnatomyVLPModel(nn.Module):
         queries, patch_tokens = feats["queries"], feats["patch_tokens"]
         det = self.box_head(queries)
         boxes = det["boxes"]
+        mask_logits: Optional[torch.Tensor] = None
+        if self.seg_head is not None:
+            mask_logits = self.seg_head(feats["stem_features"], patch_tokens, grid)
 
         weights = _region_tokens(boxes, grid, mask_tokens, regions, self.soft_boxes)
         region_feat = self.pooling(queries, patch_tokens, grid, weights, None)
@@ -632,12 +691,25 @@ class AnatomyVLPModel(nn.Module):
             loss_reconstruction = torch.zeros((), device=device)
             perplexity = torch.zeros((), device=device)
 
-        region_emb = self.region_proj(region_feat, prior_feat)
+        stats: Optional[torch.Tensor] = None
+        if self.region_stats_bins > 0:
+            stats_masks = anatomy if use_masks else None
+            stats_regions = regions if use_masks else "predicted"
+            if stats_masks is not None and self.training and self.seg_head is not None and self.stats_from_prediction > 0:
+                # some samples take the predicted masks ("auto" falls back to them where a mask is empty)
+                keep = (torch.rand(b, device=device) >= self.stats_from_prediction).to(stats_masks.dtype)
+                stats_masks = stats_masks * keep.view([b] + [1] * (stats_masks.dim() - 1))
+                stats_regions = "auto"
+            raw_stats, stats_valid = region_statistics(
+                image, stats_masks, boxes, stats_regions, self.region_stats_bins, mask_logits
+            )
+            stats = self.region_proj.standardize(raw_stats, stats_valid)
+        region_emb = self.region_proj(region_feat, prior_feat, stats)
         if self.training:
             keep = (torch.rand(weights.shape, device=weights.device) < self.view2_keep).to(weights.dtype)
             subset = weights * keep
             subset = torch.where(subset.sum(-1, keepdim=True) > 0, subset, weights)
-            region_emb_view2 = self.region_proj(self.pooling(queries, patch_tokens, grid, subset, None), prior_feat)
+            region_emb_view2 = self.region_proj(self.pooling(queries, patch_tokens, grid, subset, None), prior_feat, stats)
         else:
             region_emb_view2 = region_emb
         cls_emb = self.cls_proj(feats["cls"])
@@ -657,6 +729,7 @@ class AnatomyVLPModel(nn.Module):
             "region_emb": region_emb,
             "region_emb_view2": region_emb_view2,
             "boxes": boxes,
+            "mask_logits": mask_logits if mask_logits is not None else boxes.new_zeros(0),
             "presence_logits": det["presence_logits"],
             "zero_shot_logits": zs_logits,
             "study_logits": study_logits,

@@ -1,0 +1,132 @@
+"""Region statistics (networks/region_stats.py): values, empty regions, box fallback, running standardisation."""
+
+import math
+
+import pytest
+import torch
+
+from anatomy_vlp_bundle.networks.region_stats import RunningStandardize, region_statistics, stats_dim
+
+
+def _scene():
+    # one 3D sample, two anatomies: a 4x4x4 block of value 0.5 with two voxels at 0.95, and an empty mask
+    image = torch.zeros(1, 1, 8, 8, 8)
+    image[0, 0, :4, :4, :4] = 0.5
+    image[0, 0, 0, 0, :2] = 0.95
+    anatomy = torch.zeros(1, 2, 8, 8, 8)
+    anatomy[0, 0, :4, :4, :4] = 1
+    # box of anatomy 1 covers the other corner (normalised centre-size, array-axis order)
+    boxes = torch.tensor([[[0.25, 0.25, 0.25, 0.5, 0.5, 0.5], [0.75, 0.75, 0.75, 0.5, 0.5, 0.5]]])
+    return image, anatomy, boxes
+
+
+def test_statistics_of_a_known_region():
+    image, anatomy, boxes = _scene()
+    stats, valid = region_statistics(image, anatomy, boxes, "mask", bins=10)
+    assert stats.shape == (1, 2, stats_dim(10)) and valid.tolist() == [[True, False]]
+    s = stats[0, 0]
+    assert s[0].item() == pytest.approx(math.log(64 / 512), abs=1e-5)  # log volume fraction
+    expected_mean = (62 * 0.5 + 2 * 0.95) / 64
+    assert s[1].item() == pytest.approx(expected_mean, abs=1e-5)
+    expected_sd = math.sqrt((62 * 0.5**2 + 2 * 0.95**2) / 64 - expected_mean**2)
+    assert s[2].item() == pytest.approx(expected_sd, abs=1e-4)
+    hist = torch.exp(s[3:]) - 1e-4
+    assert hist.sum().item() == pytest.approx(1.0, abs=1e-3)
+    assert hist[5].item() == pytest.approx(62 / 64, abs=1e-4) and hist[9].item() == pytest.approx(2 / 64, abs=1e-4)
+    # the empty mask: zeros, not NaN
+    assert torch.equal(stats[0, 1], torch.zeros(stats_dim(10)))
+
+
+def test_auto_falls_back_to_the_box_and_predicted_ignores_masks():
+    image, anatomy, boxes = _scene()
+    auto, valid = region_statistics(image, anatomy, boxes, "auto", bins=10)
+    assert valid.tolist() == [[True, True]]
+    # anatomy 1 has no mask: its box (the empty corner, value 0) is used
+    assert auto[0, 1, 1].item() == pytest.approx(0.0) and auto[0, 1, 0].item() == pytest.approx(math.log(64 / 512), abs=1e-5)
+    predicted, _ = region_statistics(image, anatomy, boxes, "predicted", bins=10)
+    # anatomy 0's box is exactly its mask here
+    assert torch.allclose(predicted[0, 0], auto[0, 0], atol=1e-5)
+
+
+def test_statistics_see_a_diffuse_density_change_and_a_few_bright_voxels():
+    image, anatomy, boxes = _scene()
+    darker = image.clone()
+    darker[0, 0, :4, :4, :4] -= 0.05
+    a, _ = region_statistics(image, anatomy, boxes, "mask", bins=32)
+    b, _ = region_statistics(darker, anatomy, boxes, "mask", bins=32)
+    assert b[0, 0, 1] < a[0, 0, 1] - 0.04  # the mean moved
+    plain = image.clone()
+    plain[0, 0, 0, 0, :2] = 0.5
+    c, _ = region_statistics(plain, anatomy, boxes, "mask", bins=32)
+    # two bright voxels among 64 lift the top bin's log frequency by several units
+    assert a[0, 0, 3 + 30] - c[0, 0, 3 + 30] > 4.0
+
+
+def test_running_standardize_learns_moments_in_training_only():
+    torch.manual_seed(0)
+    rs = RunningStandardize(num_anatomies=2, dim=3, momentum=0.05)
+    valid = torch.ones(16, 2, dtype=torch.bool)
+    valid[:, 1] = False  # anatomy 1 never seen: its moments stay at the initial values
+    for _ in range(200):
+        x = torch.randn(16, 2, 3) * 0.01 + 5.0
+        out = rs(x, valid)
+    assert torch.allclose(rs.running_mean[0], torch.full((3,), 5.0), atol=2e-3)
+    assert rs.count.tolist() == [200.0, 0.0]
+    assert torch.equal(out[:, 1], torch.zeros(16, 3))
+    rs.eval()
+    before = rs.running_mean.clone()
+    z = rs(torch.randn(256, 2, 3) * 0.01 + 5.0, torch.ones(256, 2, dtype=torch.bool))
+    assert torch.equal(rs.running_mean, before)  # eval does not update
+    # tiny inter-case differences come out at unit scale
+    assert 0.7 < z[:, 0].std().item() < 1.3 and abs(z[:, 0].mean().item()) < 0.2
+
+
+def test_running_standardize_rejects_bad_momentum():
+    with pytest.raises(ValueError, match="momentum"):
+        RunningStandardize(2, 3, momentum=0.0)
+
+
+def test_model_without_region_stats_has_no_extra_inputs():
+    from anatomy_vlp_bundle.networks.vlp_model import AnatomyVLPModel
+
+    tiny = dict(img_size=(32, 32), patch_size=8, hidden_size=32, num_layers=1, num_heads=2, embed_dim=16,
+                stem_channels=(8, 16), prior={"codes_per_anatomy": 4, "code_dim": 8, "hidden_dim": 16, "top_k": 2})
+    on = AnatomyVLPModel("synthetic_cxr", **tiny)
+    off = AnatomyVLPModel("synthetic_cxr", region_stats=0, **tiny)
+    assert on.region_proj.stats is not None and off.region_proj.stats is None
+    assert on.region_proj.proj.in_dim - off.region_proj.proj.in_dim == stats_dim(32)
+    with pytest.raises(ValueError, match="region_stats"):
+        AnatomyVLPModel("synthetic_cxr", region_stats=-1, **tiny)
+
+
+def test_mask_loss_prefers_the_right_mask_and_skips_present_anatomies_without_mask():
+    from anatomy_vlp_bundle.data.labels import ABSENT, PRESENT
+    from anatomy_vlp_bundle.losses.detection import mask_loss
+
+    masks = torch.zeros(1, 3, 8, 8, 8)
+    masks[0, 0, :4] = 1  # anatomy 0: the lower half; anatomy 1 absent; anatomy 2 present but no mask given
+    presence = torch.tensor([[PRESENT, ABSENT, PRESENT]])
+    good = torch.full((1, 3, 4, 4, 4), -8.0)
+    good[0, 0, :2] = 8.0
+    bad = -good
+    assert mask_loss(good, masks, presence) < 0.05 < mask_loss(bad, masks, presence)
+    # anatomy 2's logits do not matter (no mask given), anatomy 1's do (known absent: empty target)
+    other = good.clone()
+    other[0, 2] = 8.0
+    assert torch.allclose(mask_loss(other, masks, presence), mask_loss(good, masks, presence))
+    other[0, 1] = 8.0
+    assert mask_loss(other, masks, presence) > mask_loss(good, masks, presence) + 0.5
+
+
+def test_predicted_masks_define_image_only_statistics():
+    image, anatomy, boxes = _scene()
+    # predicted mask logits on a 4x4x4 grid: anatomy 0 = the first 2x2x2 cells (= its true mask)
+    logits = torch.full((1, 2, 4, 4, 4), -5.0)
+    logits[0, 0, :2, :2, :2] = 5.0
+    from_masks, _ = region_statistics(image, anatomy, boxes, "mask", bins=10)
+    predicted, valid = region_statistics(image, None, boxes * torch.tensor([1, 1, 1, 2, 2, 2.0]), "predicted", bins=10, mask_logits=logits)
+    # the (wrong, doubled) box is not used: the upsampled mask is the true one up to trilinear corner voxels
+    assert abs(predicted[0, 0, 0] - from_masks[0, 0, 0]) < 0.05 and abs(predicted[0, 0, 1] - from_masks[0, 0, 1]) < 0.01
+    doubled, _ = region_statistics(image, None, boxes * torch.tensor([1, 1, 1, 2, 2, 2.0]), "predicted", bins=10)
+    assert doubled[0, 0, 0] - from_masks[0, 0, 0] > 1.0  # what the box alone would give
+    assert valid.tolist() == [[True, True]]  # anatomy 1: empty predicted mask -> its box
