@@ -194,7 +194,7 @@ class DeployWrapper(nn.Module):
         if self.region_stats_bins > 0:
             mask_logits: Optional[torch.Tensor] = None
             if self.seg_head is not None:
-                mask_logits = self.seg_head(feats["stem_features"], patch_tokens, grid)
+                mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid)
             raw_stats, stats_valid = region_statistics(image, None, boxes, "predicted", self.region_stats_bins, mask_logits)
             stats = self.region_proj.standardize(raw_stats, stats_valid)
         region_emb = self.region_proj(region_feat, prior_feat, stats)

@@ -178,44 +178,75 @@ class Projection(nn.Module):
 
 
 class SegmentationHead(nn.Module):
-    """Coarse per-anatomy masks on the stem grid (localisation beyond boxes).
+    """Per-anatomy masks at half the stem stride (localisation beyond boxes).
 
-    ``logits = conv1x1(GELU(conv3x3(concat(stem_features, up(reduce(patch_tokens))))))``: the stem
-    features (stride ``stem_stride``) carry the edges, the upsampled patch tokens the context of
-    which organ a voxel belongs to. One sigmoid channel per anatomy (regions may overlap, as the
-    CXR regions do). The image-only region statistics are taken over these masks (boxes hold
-    other tissue: measured on the synthetic CT test split, a linear probe on the statistics gave
-    mean AUC 0.89 inside the masks and 0.76 inside the exact boxes).
+    Coarse path on the stem grid: ``GELU(conv3x3(concat(stem_features, up(reduce(patch_tokens)))))``
+    (the stem features carry edges, the upsampled tokens which organ a cell belongs to). Fine path:
+    a strided 3x3 convolution of the image itself at ``stem_stride // 2`` (8 mm cells at the 4 mm
+    CT default: organs such as the pancreas or the gallbladder are one or two 16 mm stem cells
+    wide). The coarse map, upsampled, and the fine map are fused by ``conv3x3 -> GELU -> conv1x1``
+    into one sigmoid channel per anatomy (regions may overlap, as the CXR regions do). The
+    image-only region statistics are taken over these masks (boxes hold other tissue: measured on
+    the synthetic CT test split, a linear probe on the statistics gave mean AUC 0.89 inside the
+    masks and 0.76 inside the exact boxes).
 
     Args:
         spatial_dims: 2 or 3.
         stem_channels: channels of the stem features.
         hidden_size: token width.
         num_anatomies: ``M``.
-        hidden: channels of the fused map.
+        stem_stride: the stem's stride per axis (the fine path runs at half of it, at least 1).
+        in_channels: image channels.
+        hidden: channels of the coarse map.
+        fine: channels of the fine maps.
 
-    ``forward(stem_features (B, C, *G), patch_tokens (B, N, D), grid)`` -> ``(B, M, *G)`` logits.
+    ``forward(image (B, C, *S), stem_features (B, C_s, *G), patch_tokens (B, N, D), grid)`` ->
+    ``(B, M, *S // fine_stride)`` logits.
     """
 
-    def __init__(self, spatial_dims: int, stem_channels: int, hidden_size: int, num_anatomies: int, hidden: int = 64) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        stem_channels: int,
+        hidden_size: int,
+        num_anatomies: int,
+        stem_stride: Optional[List[int]] = None,
+        in_channels: int = 1,
+        hidden: int = 48,
+        fine: int = 16,
+    ) -> None:
         super().__init__()
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.interp_mode = "trilinear" if spatial_dims == 3 else "bilinear"
+        stride = [4] * spatial_dims if stem_stride is None else [int(s) for s in stem_stride]
+        self.fine_stride: List[int] = [max(1, s // 2) for s in stride]
         self.reduce = conv(hidden_size, hidden, kernel_size=1)
+        self.coarse = nn.Sequential(conv(stem_channels + hidden, hidden, kernel_size=3, padding=1), nn.GELU())
+        self.fine = nn.Sequential(
+            conv(in_channels, fine, kernel_size=3, stride=tuple(self.fine_stride), padding=1), nn.GELU()
+        )
         self.fuse = nn.Sequential(
-            conv(stem_channels + hidden, hidden, kernel_size=3, padding=1),
+            conv(hidden + fine, fine, kernel_size=3, padding=1),
             nn.GELU(),
-            conv(hidden, num_anatomies, kernel_size=1),
+            conv(fine, num_anatomies, kernel_size=1),
         )
 
-    def forward(self, stem_features: torch.Tensor, patch_tokens: torch.Tensor, grid: List[int]) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, stem_features: torch.Tensor, patch_tokens: torch.Tensor, grid: List[int]
+    ) -> torch.Tensor:
         b, d = patch_tokens.shape[0], patch_tokens.shape[2]
         tokens = patch_tokens.transpose(1, 2).reshape([b, d] + grid)
         size: List[int] = []
         for s in stem_features.shape[2:]:
             size.append(int(s))
         up = F.interpolate(self.reduce(tokens.to(stem_features.dtype)), size=size, mode=self.interp_mode, align_corners=False)
-        return self.fuse(torch.cat([stem_features, up], dim=1))
+        coarse = self.coarse(torch.cat([stem_features, up], dim=1))
+        fine = self.fine(image.to(coarse.dtype))
+        fine_size: List[int] = []
+        for s in fine.shape[2:]:
+            fine_size.append(int(s))
+        coarse_up = F.interpolate(coarse, size=fine_size, mode=self.interp_mode, align_corners=False)
+        return self.fuse(torch.cat([coarse_up, fine], dim=1))
 
 
 def upsample_mask_logits(logits: torch.Tensor, size: List[int]) -> torch.Tensor:

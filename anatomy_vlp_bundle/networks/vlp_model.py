@@ -266,7 +266,7 @@ class AnatomyVLPModel(nn.Module):
         region_stats: histogram bins of the region statistics fused with the region feature
             (volume, mean, spread and density histogram of the region's voxels, see
             :mod:`.region_stats`); 0 = off (the "no region statistics" ablation).
-        segmentation: a coarse per-anatomy mask head on the stem grid (:class:`SegmentationHead`,
+        segmentation: a per-anatomy mask head at half the stem stride (:class:`SegmentationHead`,
             output ``mask_logits``): image-only region statistics are taken over the predicted
             masks instead of the boxes.
         stats_from_prediction: in training with given masks, the fraction of samples whose region
@@ -431,7 +431,9 @@ class AnatomyVLPModel(nn.Module):
         self.stats_from_prediction = float(stats_from_prediction)
         self.seg_head: Optional[SegmentationHead] = None
         if segmentation:
-            self.seg_head = SegmentationHead(dims, self.backbone.stem_channels, hidden_size, m)
+            self.seg_head = SegmentationHead(
+                dims, self.backbone.stem_channels, hidden_size, m, self.backbone.stem_stride, in_channels
+            )
         self.region_proj = RegionFusion(
             self.pooling.out_dim, prior_dim, embed_dim, proj_hidden, head_dropout, stats_dim(self.region_stats_bins), m
         )
@@ -604,7 +606,7 @@ class AnatomyVLPModel(nn.Module):
 
             - ``cls_emb`` (B, E), ``region_emb`` (B, M, E), ``region_emb_view2`` (B, M, E): unit vectors;
             - ``boxes`` (B, M, 2d) normalised (cx, cy, [cz], w, h, [d]); ``presence_logits`` (B, M);
-              ``mask_logits`` (B, M, *S // stem_stride) anatomy mask logits (empty without the head);
+              ``mask_logits`` (B, M, *S // (stem_stride / 2)) anatomy mask logits (empty without the head);
             - ``zero_shot_logits`` (B, M, F) (0 on padding), ``study_logits`` (B, S);
             - ``anatomy_score`` (B, M) worst patch error, ``abnormality`` (B, M) in [0, 1] (prior:
               calibrated percentile, or ``score / (1 + score)`` before calibration; no prior: the
@@ -649,7 +651,7 @@ class AnatomyVLPModel(nn.Module):
         boxes = det["boxes"]
         mask_logits: Optional[torch.Tensor] = None
         if self.seg_head is not None:
-            mask_logits = self.seg_head(feats["stem_features"], patch_tokens, grid)
+            mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid)
 
         weights = _region_tokens(boxes, grid, mask_tokens, regions, self.soft_boxes)
         region_feat = self.pooling(queries, patch_tokens, grid, weights, None)
