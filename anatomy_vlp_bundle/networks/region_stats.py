@@ -65,18 +65,37 @@ def region_voxel_weights(
         regions: ``"mask"``, ``"predicted"`` or ``"auto"``.
         mask_logits: optional ``(B, M, *G)`` predicted mask logits on any grid (detached here).
     """
-    box_w = boxes_to_token_mask(boxes[:, index : index + 1].detach(), spatial, False)[:, 0].to(torch.float32)
-    if mask_logits is not None:
-        pred = upsample_mask_logits(mask_logits[:, index : index + 1].detach(), spatial)[:, 0].flatten(1) > 0
-        pred_w = pred.to(torch.float32)
-        box_w = torch.where(pred_w.sum(dim=1, keepdim=True) > 0, pred_w, box_w)
-    if anatomy is None or regions == "predicted":
-        return box_w
-    mask_w = anatomy[:, index].flatten(1).to(torch.float32)
-    if regions == "mask":
-        return mask_w
-    has_mask = mask_w.sum(dim=1, keepdim=True) > 0
-    return torch.where(has_mask, mask_w, box_w)
+    # only what is used is rasterised: the given mask first, the predicted mask where it is missing,
+    # the box where both are (a voxel-level box or upsampled mask per anatomy is the costly part)
+    mask_w: Optional[torch.Tensor] = None
+    has_mask = torch.zeros(0, dtype=torch.bool)
+    if anatomy is not None and regions != "predicted":
+        mask_w = anatomy[:, index].flatten(1).to(torch.float32)
+        if regions == "mask":
+            return mask_w
+        has_mask = mask_w.sum(dim=1, keepdim=True) > 0
+        if bool(has_mask.all()):
+            return mask_w
+    pred_w = _predicted_weights(boxes, index, spatial, mask_logits)
+    if mask_w is None:
+        return pred_w
+    return torch.where(has_mask, mask_w, pred_w)
+
+
+def _predicted_weights(boxes: torch.Tensor, index: int, spatial: List[int], mask_logits: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(B, V)`` the predicted mask of anatomy ``index`` where non-empty, else its predicted box."""
+    if mask_logits is None:
+        return _box_weights(boxes, index, spatial)
+    pred_w = (upsample_mask_logits(mask_logits[:, index : index + 1].detach(), spatial)[:, 0].flatten(1) > 0).to(torch.float32)
+    has_pred = pred_w.sum(dim=1, keepdim=True) > 0
+    if bool(has_pred.all()):
+        return pred_w
+    return torch.where(has_pred, pred_w, _box_weights(boxes, index, spatial))
+
+
+def _box_weights(boxes: torch.Tensor, index: int, spatial: List[int]) -> torch.Tensor:
+    """``(B, V)`` voxels covered by the predicted box of anatomy ``index``."""
+    return boxes_to_token_mask(boxes[:, index : index + 1].detach(), spatial, False)[:, 0].to(torch.float32)
 
 
 def region_statistics(
