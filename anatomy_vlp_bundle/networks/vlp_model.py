@@ -268,11 +268,10 @@ class AnatomyVLPModel(nn.Module):
             :mod:`.region_stats`); 0 = off (the "no region statistics" ablation).
         segmentation: a per-anatomy mask head at half the stem stride (:class:`SegmentationHead`,
             output ``mask_logits``): image-only region statistics are taken over the predicted
-            masks instead of the boxes.
+            masks instead of the boxes. Without ``conv_stem`` the stem grid is the token grid.
         stats_from_prediction: in training with given masks, the fraction of samples whose region
             statistics come from the predicted masks instead (so the fusion learns the statistics it
             will see image-only; detached, the masks are trained by the ``detection.mask`` loss).
-            Without ``conv_stem`` the stem grid is the token grid.
         mask_guided_attention: when masks define the regions, each query attends only to [CLS],
             itself and its region's tokens (fVLM). Image-only inference then differs from training
             (no masks): meant for mask-mode training and evaluation.
@@ -308,7 +307,7 @@ class AnatomyVLPModel(nn.Module):
         prior_cells: str = "any",
         region_stats: int = 32,
         segmentation: bool = True,
-        stats_from_prediction: float = 0.5,
+        stats_from_prediction: float = 0.25,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
         head_dropout: float = 0.0,
