@@ -139,7 +139,6 @@ class DeployWrapper(nn.Module):
         self.stem_stride: List[int] = [int(v) for v in model.backbone.stem_stride]
         self.soft_boxes: bool = model.soft_boxes
         self.region_stats_bins: int = model.region_stats_bins
-        self.stem_stride: List[int] = list(model.backbone.stem_stride)
         layout = describe_layout(model.catalog, model.spatial_dims)
         self.num_columns: int = int(layout["K"])
         self.pad_value: float = PAD_VALUE
