@@ -97,6 +97,8 @@ def test_model_without_region_stats_has_no_extra_inputs():
     assert on.region_proj.proj.in_dim - off.region_proj.proj.in_dim == stats_dim(32)
     with pytest.raises(ValueError, match="region_stats"):
         AnatomyVLPModel("synthetic_cxr", region_stats=-1, **tiny)
+    with pytest.raises(ValueError, match="stats_from_prediction"):
+        AnatomyVLPModel("synthetic_cxr", stats_from_prediction=1.5, **tiny)
 
 
 def test_mask_loss_prefers_the_right_mask_and_skips_present_anatomies_without_mask():
