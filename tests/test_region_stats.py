@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from anatomy_vlp_bundle.networks.region_stats import RunningStandardize, region_statistics, stats_dim
+from anatomy_vlp_bundle.networks.region_stats import (
+    RunningStandardize,
+    focal_statistics,
+    gaussian_smooth,
+    region_statistics,
+    stats_dim,
+)
 
 
 def _scene():
@@ -94,7 +100,11 @@ def test_model_without_region_stats_has_no_extra_inputs():
     on = AnatomyVLPModel("synthetic_cxr", **tiny)
     off = AnatomyVLPModel("synthetic_cxr", region_stats=0, **tiny)
     assert on.region_proj.stats is not None and off.region_proj.stats is None
-    assert on.region_proj.proj.in_dim - off.region_proj.proj.in_dim == stats_dim(32)
+    assert on.region_proj.stats_path[0].in_features == stats_dim(32, 2) and off.region_proj.stats_path is None
+    assert off.region_proj.path_dropout == 0.0  # the token path is never dropped when it is the only one
+    assert on.region_proj.token_path[1].in_features == off.region_proj.token_path[1].in_features
+    with pytest.raises(ValueError, match="focal_scales"):
+        AnatomyVLPModel("synthetic_cxr", focal_scales=(-1.0,), **tiny)
     with pytest.raises(ValueError, match="region_stats"):
         AnatomyVLPModel("synthetic_cxr", region_stats=-1, **tiny)
     with pytest.raises(ValueError, match="stats_from_prediction"):
@@ -132,3 +142,72 @@ def test_predicted_masks_define_image_only_statistics():
     doubled, _ = region_statistics(image, None, boxes * torch.tensor([1, 1, 1, 2, 2, 2.0]), "predicted", bins=10)
     assert doubled[0, 0, 0] - from_masks[0, 0, 0] > 1.0  # what the box alone would give
     assert valid.tolist() == [[True, True]]  # anatomy 1: empty predicted mask -> its box
+
+
+def test_gaussian_smooth_matches_a_replicate_padded_convolution_and_keeps_constants():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 9, 7, 6)
+    sigma = 1.5
+    radius = math.ceil(2 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-t * t / (2 * sigma * sigma))
+    k = k / k.sum()
+    ref = x[:, None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        ref = F.conv3d(F.pad(ref, pad, mode="replicate"), k.view(shape))
+    torch.testing.assert_close(gaussian_smooth(x, sigma), ref[:, 0], atol=1e-6, rtol=1e-5)
+    assert torch.allclose(gaussian_smooth(torch.full((1, 5, 5), 0.3), 2.0), torch.full((1, 5, 5), 0.3))
+    assert torch.equal(gaussian_smooth(x, 0.0), x)
+
+
+def test_focal_statistics_find_a_small_lesion_that_the_histogram_barely_sees():
+    torch.manual_seed(0)
+    image = 0.5 + 0.01 * torch.randn(1, 1, 24, 24, 24)
+    anatomy = torch.zeros(1, 2, 24, 24, 24)
+    anatomy[0, 0, 2:22, 2:22, 2:22] = 1  # a large organ
+    anatomy[0, 1, :2] = 1  # a thin slab: no interior voxel
+    boxes = torch.zeros(1, 2, 6)
+    lesion = image.clone()
+    lesion[0, 0, 10:13, 10:13, 10:13] -= 0.03  # 27 voxels at -3 sd in 8000
+    plain, valid = region_statistics(image, anatomy, boxes, "mask", bins=16, focal_scales=[0.0, 1.0])
+    hit, _ = region_statistics(lesion, anatomy, boxes, "mask", bins=16, focal_scales=[0.0, 1.0])
+    assert plain.shape == (1, 2, stats_dim(16, 2)) and valid.tolist() == [[True, True]]
+    # the mean moves by 1e-4 of the intensity; the smoothed minimum by several sd
+    assert abs(hit[0, 0, 1] - plain[0, 0, 1]) < 2e-4
+    zmin_plain, zmin_hit = plain[0, 0, stats_dim(16) + 3], hit[0, 0, stats_dim(16) + 3]  # scale 1: (zmax, zmin)
+    assert zmin_hit < zmin_plain - 2.0
+    # a region without interior voxels gets zeros, not NaN or +-1e4
+    assert torch.equal(hit[0, 1, stats_dim(16):], torch.zeros(4))
+    # the same through the batched function and under TorchScript
+    label = torch.full((1, 24, 24, 24), 2, dtype=torch.long)
+    label[anatomy[:, 0] > 0] = 0
+    label[anatomy[:, 1] > 0] = 1
+    direct = focal_statistics(lesion[:, 0], label, 2, [0.0, 1.0])
+    torch.testing.assert_close(direct, hit[..., stats_dim(16):])
+    scripted = torch.jit.script(region_statistics)
+    s, _ = scripted(lesion, anatomy, boxes, "mask", 16, None, [0.0, 1.0])
+    torch.testing.assert_close(s, hit)
+
+
+def test_region_fusion_drops_only_the_token_path_and_eval_is_deterministic():
+    from anatomy_vlp_bundle.networks.vlp_model import RegionFusion
+
+    torch.manual_seed(0)
+    fusion = RegionFusion(8, 3, 16, 32, dropout=0.0, stats_dim=5, num_anatomies=2, feature_dropout=0.0, path_dropout=0.5)
+    region, prior, stats = torch.randn(64, 2, 8), torch.randn(64, 2, 3), torch.randn(64, 2, 5)
+    fusion.train()
+    out = fusion(region, prior, stats)
+    stats_only = torch.nn.functional.normalize(fusion.stats_path(stats), dim=-1)
+    dropped = torch.isclose(out, stats_only, atol=1e-6).all(-1).all(-1)  # (B,): the whole sample's token path
+    assert 10 < int(dropped.sum()) < 54
+    fusion.eval()
+    a, b = fusion(region, prior, stats), fusion(region, prior, stats)
+    assert torch.equal(a, b) and not torch.isclose(a, stats_only, atol=1e-4).all()
+    with pytest.raises(ValueError, match="path_dropout"):
+        RegionFusion(8, 3, 16, 32, stats_dim=5, path_dropout=1.0)

@@ -270,6 +270,26 @@ def test_prompt_bank_thresholds_calibration_travel_in_the_state_dict():
     assert torch.equal(other.thresholds, torch.full((3, 2), 0.3))
 
 
+def test_prompt_adapter_starts_as_identity_and_learns_from_the_prompt_pair_loss():
+    from anatomy_vlp_bundle.losses.alignment import prompt_pair_loss, zero_shot_logits
+
+    model = tiny_model(3).train()
+    model.set_prompt_bank(random_bank(model))
+    batch = batch_for(model, 2)
+    out = model(batch["image"], batch["anatomy"])
+    # identity at start: the zero-shot scores are those of the raw prompt ensembles
+    raw = zero_shot_logits(out["region_emb"], model.prompt_pos, model.prompt_neg, out["logit_scale"])
+    torch.testing.assert_close(out["zero_shot_logits"], raw)
+    labels = torch.randint(0, 2, out["zero_shot_logits"].shape)
+    loss = prompt_pair_loss(out["region_emb"], out["prompt_pos"], out["prompt_neg"], labels, out["logit_scale"],
+                            finding_valid=out["prompt_valid"])
+    loss.backward()
+    grad = model.prompt_adapter.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    plain = tiny_model(3, prompt_adapter=False)
+    assert plain.prompt_adapter is None and not any("prompt_adapter" in k for k in plain.state_dict())
+
+
 def test_set_prompt_bank_rejects_other_catalog():
     model = tiny_model(3)
     other = tiny_model(2)

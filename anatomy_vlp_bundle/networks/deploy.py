@@ -126,6 +126,8 @@ class DeployWrapper(nn.Module):
             self.prior = None
         if model.seg_head is None:
             self.seg_head = None
+        if model.prompt_adapter is None:
+            self.prompt_adapter = None
         for name, param in model.named_parameters(recurse=False):
             self.register_parameter(name, param)
         for name, buf in model.named_buffers(recurse=False):
@@ -139,11 +141,18 @@ class DeployWrapper(nn.Module):
         self.stem_stride: List[int] = [int(v) for v in model.backbone.stem_stride]
         self.soft_boxes: bool = model.soft_boxes
         self.region_stats_bins: int = model.region_stats_bins
+        self.focal_scales: List[float] = list(model.focal_scales)
         layout = describe_layout(model.catalog, model.spatial_dims)
         self.num_columns: int = int(layout["K"])
         self.pad_value: float = PAD_VALUE
         self.layout_json: str = json.dumps(layout)
         super().train(False)
+
+    def _adapt(self, emb: torch.Tensor) -> torch.Tensor:
+        adapter = self.prompt_adapter
+        if adapter is None:
+            return emb
+        return adapter(emb)
 
     def train(self, mode: bool = True) -> "DeployWrapper":  # noqa: D102 - always eval (deterministic export)
         return super().train(False)
@@ -194,15 +203,19 @@ class DeployWrapper(nn.Module):
             mask_logits: Optional[torch.Tensor] = None
             if self.seg_head is not None:
                 mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid)
-            raw_stats, stats_valid = region_statistics(image, None, boxes, "predicted", self.region_stats_bins, mask_logits)
+            raw_stats, stats_valid = region_statistics(
+                image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales
+            )
             stats = self.region_proj.standardize(raw_stats, stats_valid)
         region_emb = self.region_proj(region_feat, prior_feat, stats)
         cls_emb = self.cls_proj(feats["cls"])
 
         scale = self.logit_scale()
-        probs = torch.sigmoid(zero_shot_logits(region_emb, self.prompt_pos, self.prompt_neg, scale).float())
+        prompt_pos, prompt_neg = self._adapt(self.prompt_pos), self._adapt(self.prompt_neg)
+        study_pos, study_neg = self._adapt(self.study_pos), self._adapt(self.study_neg)
+        probs = torch.sigmoid(zero_shot_logits(region_emb, prompt_pos, prompt_neg, scale).float())
         study = torch.sigmoid(
-            zero_shot_logits(cls_emb.unsqueeze(1), self.study_pos.unsqueeze(0), self.study_neg.unsqueeze(0), scale)[:, 0].float()
+            zero_shot_logits(cls_emb.unsqueeze(1), study_pos.unsqueeze(0), study_neg.unsqueeze(0), scale)[:, 0].float()
         )
         if self.prior is not None:
             abnormality = abnormality_from_score(anatomy_score, self.prior.score_quantiles, self.prior.score_calibrated)

