@@ -17,6 +17,9 @@ appended to the fusion input, the same 300 steps reached a validation mean AUC o
 - ``log(histogram + 1e-4)`` over ``bins`` equal bins of ``[0, 1]`` (the log keeps a handful of
   calcified voxels visible next to thousands of normal ones).
 
+With ``focal_scales``, :func:`focal_statistics` appends each region's largest and smallest z-score
+after Gaussian smoothing (small lesions, which move neither the mean nor the histogram).
+
 These are radiomics-style first-order features (volume, mean, spread, histogram); the model
 learns which of them a finding's prompt points at. :class:`RunningStandardize` centres and
 scales them per anatomy with running moments (buffers, updated in training only; DDP's buffer
@@ -32,7 +35,6 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .box_ops import boxes_to_token_mask
 from .heads import upsample_mask_logits
@@ -162,7 +164,7 @@ def region_statistics(
     stats = torch.stack(rows, dim=1)
     valid_all = torch.stack(valids, dim=1)
     if len(scales) > 0:
-        focal = focal_statistics(image.to(torch.float32).mean(dim=1), label.view([b] + spatial), m, scales)
+        focal = focal_statistics(x.view([b] + spatial), label.view([b] + spatial), m, scales)
         stats = torch.cat([stats, focal * valid_all.unsqueeze(-1).to(focal.dtype)], dim=-1)
     return stats, valid_all
 

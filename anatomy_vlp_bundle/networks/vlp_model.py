@@ -302,6 +302,13 @@ class AnatomyVLPModel(nn.Module):
         region_stats: histogram bins of the region statistics fused with the region feature
             (volume, mean, spread and density histogram of the region's voxels, see
             :mod:`.region_stats`); 0 = off (the "no region statistics" ablation).
+        focal_scales: Gaussian sigmas (voxels, 0 = unsmoothed) of the focal statistics appended to
+            the region statistics (:func:`~.region_stats.focal_statistics`); empty = none.
+        feature_dropout: :class:`RegionFusion` dropout on the token-path input (training only).
+        path_dropout: :class:`RegionFusion` probability that a sample's token path is dropped in
+            training (the statistics path is kept).
+        prompt_adapter: a learned linear map (identity at start) applied to every prompt
+            embedding before scoring (:meth:`adapt_prompts`; the deploy wrapper applies it too).
         segmentation: a per-anatomy mask head at half the stem stride (:class:`SegmentationHead`,
             output ``mask_logits``): image-only region statistics are taken over the predicted
             masks instead of the boxes. Without ``conv_stem`` the stem grid is the token grid.
