@@ -164,8 +164,8 @@ def region_statistics(
     stats = torch.stack(rows, dim=1)
     valid_all = torch.stack(valids, dim=1)
     if len(scales) > 0:
-        focal = focal_statistics(x.view([b] + spatial), label.view([b] + spatial), m, scales)
-        stats = torch.cat([stats, focal * valid_all.unsqueeze(-1).to(focal.dtype)], dim=-1)
+        # zeros already where a region has no interior voxel (a subset of the empty regions)
+        stats = torch.cat([stats, focal_statistics(x.view([b] + spatial), label.view([b] + spatial), m, scales)], dim=-1)
     return stats, valid_all
 
 
