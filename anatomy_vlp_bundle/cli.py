@@ -12,11 +12,16 @@ import fire
 def _commands() -> dict:
     # Imported lazily so that `--help` and light commands do not pay for torch/transformers imports.
     from .data.validate import validate_command
+    from .inference.batch import export_command, infer_batch_command, infer_command
     from .synthetic import synth_command
     from .text.reports import parse_report_command
 
     return {
         "validate": validate_command,
+        "infer": infer_command,
+        "infer-batch": infer_batch_command,
+        "infer_batch": infer_batch_command,
+        "export": export_command,
         "synth": synth_command,
         "parse-report": parse_report_command,
         "parse_report": parse_report_command,

@@ -14,7 +14,7 @@ from anatomy_vlp_bundle.networks.anatomy_vit import (
 from anatomy_vlp_bundle.networks.box_ops import boxes_to_token_mask
 from anatomy_vlp_bundle.networks.heads import BoxHead, Projection, RegionPooling
 
-KEYS = ("cls", "queries", "patch_tokens", "grid", "stem_features")
+KEYS = ("cls", "queries", "patch_tokens", "grid", "stem_features", "stem_early")
 
 
 def tiny_vit(spatial_dims=3, **kwargs):
@@ -72,6 +72,10 @@ def test_output_shapes(spatial_dims, size, conv_stem, pos_embed):
     assert out["stem_features"].shape == (2, channels, *[s // st for s, st in zip(size, stride)])
     if conv_stem:
         assert stride == [4] * spatial_dims  # two stride-2 stages for patch 8 / 16
+        early = [s // st for s, st in zip(size, model.early_stride)]
+        assert model.early_stride == [2] * spatial_dims and out["stem_early"].shape == (2, model.early_channels, *early)
+    else:
+        assert torch.equal(out["stem_early"], out["stem_features"])
     assert all(torch.isfinite(out[k]).all() for k in ("cls", "queries", "patch_tokens"))
 
 
@@ -348,3 +352,13 @@ def test_backbone_and_heads_under_bf16_autocast():
     loss.backward()
     assert torch.isfinite(loss) and emb.dtype == torch.float32
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_plain_patch_embedding_loads_its_earlier_state_dict_key():
+    model = tiny_vit(conv_stem=False).eval()
+    sd = model.state_dict()
+    legacy = {("stem." + k[len("stem.0."):] if k.startswith("stem.0.") else k): v for k, v in sd.items()}
+    assert "stem.weight" in legacy and "stem.0.weight" not in legacy
+    other = tiny_vit(conv_stem=False).eval()
+    other.load_state_dict(legacy)  # strict
+    assert torch.equal(other.stem[0].weight, model.stem[0].weight)

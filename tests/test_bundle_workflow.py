@@ -105,9 +105,42 @@ def test_evaluate_writes_metrics_and_roc(trained_ct, session_dirs):
     for mode in metrics.values():
         assert {"mean_auc", "mean_auc_ci", "mean_balanced_accuracy", "mean_f1", "box_iou", "presence_accuracy"} <= set(mode)
         assert "focal_mean_auc" in mode and 0.0 <= mode["presence_accuracy"] <= 1.0
+        assert 0.0 <= mode["mask_dice"] <= 1.0  # the mask head's regions against the given masks
     for mode in ("predicted", "mask"):
         assert (root / "eval" / mode / "metrics.json").is_file() and list((root / "eval" / mode).glob("roc_*.png"))
 
+
+
+def test_infer_batch_and_ckpt_export_from_the_trained_checkpoint(trained_ct, session_dirs, tmp_path):
+    """`run inference` on the test split, then `ckpt_export network_def` with configs/inference.yaml:
+    the .ts carries the training preprocessing and gives the checkpoint's image-only results."""
+    from monai.bundle import ckpt_export
+
+    from anatomy_vlp_bundle.inference import Predictor
+
+    root, _ = trained_ct
+    best = root / "models" / "model.pt"
+    datalist = session_dirs["ct"] / "datalist.json"
+    run_workflow(str(CONFIGS / "inference.yaml"), workflow_type="infer", ckpt_path=str(best), input=str(datalist),
+                 output_dir=str(tmp_path / "out"), overlays=True)
+    results = sorted((tmp_path / "out").glob("*.json"))
+    n_test = len(json.loads(datalist.read_text())["test"])
+    assert len(results) == n_test + 1  # + failures.json
+    assert json.loads((tmp_path / "out" / "failures.json").read_text()) == []
+    assert len(list((tmp_path / "out").glob("*.png"))) == n_test
+
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(best), key_in_ckpt="model",
+                meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.yaml"), ckpt_path=str(best))
+    script, eager = Predictor.load(ts), Predictor.load(best)
+    assert script.kind == "torchscript" and script.preprocessing["spacing"] == CT_GRID["spacing"]
+    assert script.preprocessing["roi_size"] == CT_GRID["shape"] and script.version == eager.version != ""
+    image = json.loads(results[0].read_text())["image"]
+    a, b = eager.predict(image).result, script.predict(image).result
+    for name, ea in a["anatomies"].items():
+        assert b["anatomies"][name]["box_voxel"] == ea["box_voxel"]
+        for f, v in ea["findings"].items():
+            assert abs(b["anatomies"][name]["findings"][f] - v) <= 1e-4
 
 def test_resume_restarts_at_the_right_epoch(session_dirs):
     root = session_dirs["base"] / "resume_run"

@@ -126,7 +126,9 @@ def test_pred_layout_matches_model_and_scripts(spatial_dims, kwargs):
     other = tuple(s + p for s, p in zip(size, model.backbone.patch_size))  # another input size
     other_image = torch.rand((1, 1) + other)
     torch.testing.assert_close(scripted(other_image), wrapper(other_image), atol=1e-5, rtol=1e-5)
-    assert json.loads(scripted.layout_json) == describe_layout(model.catalog)
+    layout = json.loads(scripted.layout_json)
+    assert layout.pop("img_size") == list(model.backbone.img_size) and layout.pop("preprocessing") == {}
+    assert layout == describe_layout(model.catalog)
 
 
 def test_state_dict_keys_match_model_for_ckpt_export():

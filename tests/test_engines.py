@@ -194,3 +194,23 @@ def test_training_refuses_a_datalist_with_errors(tmp_path):
         prepare_datalist(str(tmp_path / "ct"))
     with pytest.raises(FileNotFoundError, match="datalist.json"):
         prepare_datalist(str(tmp_path / "empty"), generate=False)
+
+
+def test_parameter_groups_scale_the_learning_rate_of_a_prefix():
+    from anatomy_vlp_bundle.engines.workflow import parameter_groups
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    plain = parameter_groups(net, 0.05)
+    assert len(plain) == 1 and "lr" not in plain[0] and len(plain[0]["params"]) == 4
+    groups = parameter_groups(net, 0.05, lr=1e-3, lr_scale={"1": 4.0})
+    by_lr = {g["lr"]: g for g in groups}
+    assert set(by_lr) == {1e-3, 4e-3}
+    assert [p.shape for p in by_lr[4e-3]["params"]] == [net[1].weight.shape, net[1].bias.shape]
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)  # schedulers keep the ratio
+    assert sorted(g["lr"] for g in opt.param_groups) == [5e-4, 2e-3]
+    with pytest.raises(ValueError, match="matches no parameter"):
+        parameter_groups(net, 0.05, lr=1e-3, lr_scale={"seg_head": 2.0})
+    with pytest.raises(ValueError, match="needs the base lr"):
+        parameter_groups(net, 0.05, lr_scale={"1": 2.0})
+    del sched

@@ -327,6 +327,34 @@ def test_box_iou_3d_hand_case_and_instance_mean():
         evaluate_boxes(pred, bad, presence)
 
 
+
+def test_mask_dice_hand_case_empty_masks_are_nan_and_left_out():
+    from anatomy_vlp_bundle.engines.iteration import mask_dice
+    from anatomy_vlp_bundle.metrics.report import format_markdown_table
+
+    target = torch.zeros(1, 3, 4, 4)
+    target[0, 0, :2, :2] = 1  # 4 voxels
+    target[0, 1, :, :] = 1  # anatomy 2 has no mask
+    logits = torch.full((1, 3, 4, 4), -5.0)
+    logits[0, 0, :2, :1] = 5  # 2 of the 4 voxels, no false positive: Dice 2*2 / (2 + 4)
+    dice = mask_dice(logits, target, [4, 4])
+    assert dice.shape == (1, 3)
+    assert dice[0, 0].item() == pytest.approx(2 / 3, rel=1e-5)
+    assert dice[0, 1].item() == pytest.approx(0.0, abs=1e-6)  # nothing predicted where the mask is full
+    assert math.isnan(dice[0, 2].item())
+    # a coarser logit grid is upsampled to the input grid before comparing
+    assert mask_dice(torch.full((1, 3, 2, 2), 5.0), target, [4, 4])[0, 1].item() == pytest.approx(1.0)
+    assert mask_dice(torch.zeros(0), target, [4, 4]) is None and mask_dice(logits, None, [4, 4]) is None
+
+    pred = np.array([[[0, 0, 2, 2], [0, 0, 4, 4], [0, 0, 1, 1]]], dtype=float)
+    res = evaluate_boxes(pred, pred, np.array([[1, 1, 0]]), mask_dice=dice.numpy(), anatomy_names=["a", "b", "c"])
+    assert res["per_anatomy"]["a"]["mean_dice"] == pytest.approx(2 / 3, rel=1e-5)
+    assert res["per_anatomy"]["c"]["mean_dice"] is None and res["per_anatomy"]["c"]["n_masks"] == 0
+    assert res["mean_dice"] == pytest.approx(1 / 3, rel=1e-5)  # (2/3 + 0) / 2: the undefined one left out
+    assert "mask Dice" in format_markdown_table({"localisation": res})
+    with pytest.raises(ValueError, match="mask_dice must be"):
+        evaluate_boxes(pred, pred, np.array([[1, 1, 0]]), mask_dice=np.zeros((2, 3)))
+
 # --------------------------------------------------------------------------- files
 def test_write_metrics_json_pngs_and_markdown(tmp_path):
     cat, probs, labels, sp, sy = _split(60, seed=10)

@@ -27,21 +27,36 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
 
 
+def _plain(x: Any) -> Any:
+    """Plain JSON-like types (config values may be tuples or numpy scalars)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        return x.item()
+    return x
+
+
 class CheckpointExtras:
-    """``catalog``, ``model_config``, ``thresholds``, ``study_thresholds``, ``version``: plain types.
+    """``catalog``, ``model_config``, ``thresholds``, ``study_thresholds``, ``version``,
+    ``preprocessing``: plain types.
 
     Args:
         network: the ``AnatomyVLPModel`` (or a DDP wrapper); read at save time.
         version: the bundle version (``metadata.json``'s ``version``).
+        preprocessing: the inference chain's settings (``spacing``, ``roi_size``, ``hu_window``, ...),
+            so that ``python -m anatomy_vlp_bundle infer`` rebuilds it from the checkpoint alone.
 
     ``load_state_dict`` restores the thresholds into the network (they are also buffers of the
     model state dict, so this only matters for a model loaded without them) and keeps the loaded
     dict as ``loaded``; a different catalog is reported, not silently accepted.
     """
 
-    def __init__(self, network: torch.nn.Module, version: str = ""):
+    def __init__(self, network: torch.nn.Module, version: str = "", preprocessing: Optional[dict[str, Any]] = None):
         self.network = network
         self.version = str(version)
+        self.preprocessing = _plain(preprocessing or {})
         self.loaded: Optional[dict[str, Any]] = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -52,6 +67,7 @@ class CheckpointExtras:
             "thresholds": net.thresholds.detach().cpu().tolist(),
             "study_thresholds": net.study_thresholds.detach().cpu().tolist(),
             "version": self.version,
+            "preprocessing": self.preprocessing,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -19,8 +19,9 @@ import torch
 
 from ..losses.criterion import make_targets
 from ..networks.box_ops import normalized_cxcywh_to_boxes
+from ..networks.heads import upsample_mask_logits
 
-__all__ = ["VLPTrainIteration", "VLPEvalIteration", "to_device", "autocast_dtype", "resolve_amp"]
+__all__ = ["VLPTrainIteration", "VLPEvalIteration", "mask_dice", "to_device", "autocast_dtype", "resolve_amp"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,8 @@ class VLPEvalIteration:
     - ``boxes_pred`` / ``boxes_true`` (B, M, 2d) corner boxes in voxels of the evaluated grid,
       ``presence_prob`` (B, M), ``anatomy_presence`` (B, M) codes;
     - ``abnormality`` (B, M), ``anatomy_score`` (B, M), ``anatomy_normal`` / ``anatomy_abnormal`` (B, M) bool;
+    - ``mask_dice`` (B, M): Dice of the mask head's masks (logit > 0 on the input grid) against the
+      given masks, NaN where a mask is empty (only with a mask head and given masks);
     - ``id``: the case ids.
 
     All on the CPU, detached, float32. Empty batches return ``{}``.
@@ -268,4 +271,20 @@ class VLPEvalIteration:
                 "anatomy_abnormal": targets["anatomy_abnormal"].cpu(),
                 "id": list(batch.get("id") or []),
             }
+            dice = mask_dice(out["mask_logits"], batch.get("anatomy"), spatial)
+            if dice is not None:
+                result[mode]["mask_dice"] = dice
         return result
+
+
+def mask_dice(mask_logits: torch.Tensor, anatomy: Optional[torch.Tensor], spatial: Sequence[int]) -> Optional[torch.Tensor]:
+    """``(B, M)`` Dice of ``mask_logits > 0`` (upsampled to ``spatial``) against the binary masks
+    ``anatomy`` (B, M, *spatial) with MONAI's ``compute_dice``; NaN where the given mask is empty.
+    None without a mask head (empty logits) or without masks."""
+    from monai.metrics import compute_dice
+
+    if anatomy is None or mask_logits.numel() == 0:
+        return None
+    pred = (upsample_mask_logits(mask_logits, [int(s) for s in spatial]) > 0).float()
+    target = anatomy.as_tensor() if hasattr(anatomy, "as_tensor") else anatomy
+    return compute_dice(pred, (target > 0).float().to(pred.device), include_background=True, ignore_empty=True).float().cpu()

@@ -99,13 +99,48 @@ def warm_sentence_cache(sentence_targets: Any, datalist: str, splits: Sequence[s
     return n
 
 
-def parameter_groups(network: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: no weight decay on the model's ``no_weight_decay()`` names."""
+def parameter_groups(
+    network: torch.nn.Module,
+    weight_decay: float,
+    lr: Optional[float] = None,
+    lr_scale: Optional[Mapping[str, float]] = None,
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: no weight decay on the model's ``no_weight_decay()`` names, and
+    ``lr * scale`` for the parameters under each ``lr_scale`` prefix (e.g. ``{"seg_head": 4.0}``;
+    schedulers such as MONAI's ``WarmupCosineSchedule`` scale every group's own rate).
+
+    Args:
+        network: the model (or a DDP wrapper).
+        weight_decay: AdamW weight decay of the decayed groups.
+        lr: the base learning rate (needed with ``lr_scale``).
+        lr_scale: module-name prefix -> learning-rate factor; a prefix matching no parameter is an error.
+    """
     net = getattr(network, "module", network)
     skip = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
-    decay = [p for n, p in net.named_parameters() if n not in skip]
-    no_decay = [p for n, p in net.named_parameters() if n in skip]
-    return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
+    scales = {str(k): float(v) for k, v in (lr_scale or {}).items()}
+    if scales and lr is None:
+        raise ValueError("parameter_groups: lr_scale needs the base lr")
+    named = list(net.named_parameters())
+    for prefix in scales:
+        if not any(n == prefix or n.startswith(prefix + ".") for n, _ in named):
+            raise ValueError(f"parameter_groups: lr_scale prefix {prefix!r} matches no parameter of the model")
+
+    def scale_of(name: str) -> float:
+        for prefix, factor in scales.items():
+            if name == prefix or name.startswith(prefix + "."):
+                return factor
+        return 1.0
+
+    groups: dict[tuple[bool, float], list] = {}
+    for n, p in named:
+        groups.setdefault((n in skip, scale_of(n)), []).append(p)
+    out = []
+    for (no_decay, factor), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if no_decay else float(weight_decay)}
+        if scales:
+            group["lr"] = float(lr) * factor
+        out.append(group)
+    return out
 
 
 def resume_checkpoint(ckpt_dir: str, resume: bool) -> Optional[str]:
@@ -258,7 +293,7 @@ class EvaluationReport:
         path = self.output_dir / "metrics.json"
         path.write_text(json.dumps(result, indent=2, default=float))
         self.result = result
-        summary = {m: {k: result[m].get(k) for k in ("mean_auc", "focal_mean_auc", "box_iou", "presence_accuracy")} for m in result}
+        summary = {m: {k: result[m].get(k) for k in ("mean_auc", "focal_mean_auc", "box_iou", "presence_accuracy", "mask_dice")} for m in result}
         logger.info("evaluation written to %s: %s", path, summary)
         return result
 
@@ -273,7 +308,8 @@ def evaluate_outputs(data: Mapping[str, Any], network: torch.nn.Module, output_d
 
     Returns:
         the summary: ``mean_auc``, ``mean_auc_ci``, ``mean_balanced_accuracy``, ``mean_f1``,
-        ``focal_mean_auc`` (None without the group), ``box_iou``, ``presence_accuracy``, ``n_cases``.
+        ``focal_mean_auc`` (None without the group), ``box_iou``, ``presence_accuracy``, ``mask_dice``
+        (None without a mask head or given masks), ``abnormality_mean_auc``, ``n_cases``.
     """
     from ..metrics.handlers import compute_zero_shot_metrics
     from ..metrics.report import write_metrics
@@ -301,6 +337,7 @@ def evaluate_outputs(data: Mapping[str, Any], network: torch.nn.Module, output_d
         "focal_mean_auc": focal.get("mean_auc") if isinstance(focal, Mapping) else None,
         "box_iou": loc.get("mean_iou"),
         "presence_accuracy": loc.get("presence_accuracy"),
+        "mask_dice": loc.get("mean_dice"),
         "abnormality_mean_auc": (result.get("abnormality") or {}).get("mean_auc"),
         "n_cases": diag.get("n_cases"),
     }

@@ -62,6 +62,7 @@ OUTPUT_KEYS: dict[str, str] = {
     "presence_prob": "presence_prob",
     "presence": "anatomy_presence",
     "abnormality": "abnormality",
+    "mask_dice": "mask_dice",
 }
 _REQUIRED = ("probs", "labels")
 # roles that only make sense together
@@ -156,7 +157,8 @@ def compute_zero_shot_metrics(
         presence = get("presence")
         if get("pred_boxes") is not None:
             result["localisation"] = evaluate_boxes(
-                get("pred_boxes"), get("target_boxes"), presence, presence_prob=get("presence_prob"), anatomy_names=cat.names
+                get("pred_boxes"), get("target_boxes"), presence, presence_prob=get("presence_prob"), anatomy_names=cat.names,
+                mask_dice=get("mask_dice"),
             )
         else:  # presence probabilities without boxes: presence accuracy only
             result["localisation"] = _presence_only(get("presence_prob"), presence, cat)

@@ -26,6 +26,7 @@ def evaluate_boxes(
     anatomy_names: Optional[Sequence[str]] = None,
     iou_threshold: float = 0.5,
     presence_threshold: float = 0.5,
+    mask_dice: Optional[Any] = None,
 ) -> dict[str, Any]:
     """Box IoU per anatomy over the samples where the anatomy is present, and presence accuracy.
 
@@ -42,13 +43,17 @@ def evaluate_boxes(
         anatomy_names: ``M`` names used as keys of ``per_anatomy`` (default ``anatomy_0`` ...).
         iou_threshold: IoU counted as a hit (``fraction_iou_ge_threshold``).
         presence_threshold: P(present) above or at which an anatomy is called present.
+        mask_dice: optional ``(N, M)`` Dice of the predicted anatomy masks against the given ones,
+            NaN where undefined (no given mask); adds ``mean_dice`` / ``n_masks`` per anatomy and
+            ``mean_dice`` (mean over anatomies of their means).
 
     Returns:
         ``per_anatomy``: name -> ``n_present``, ``mean_iou``, ``fraction_iou_ge_threshold``,
         ``presence_accuracy``, ``n_presence_known``; ``mean_iou`` (mean over anatomies of their
         means), ``mean_iou_instances`` (over all present instances), ``fraction_iou_ge_threshold``
         (instances), ``presence_accuracy`` (over all known presence entries), ``n_instances``,
-        ``n_invalid_pred`` (present instances whose prediction is NaN/inf: IoU 0), ``iou_threshold``. Undefined values are None.
+        ``n_invalid_pred`` (present instances whose prediction is NaN/inf: IoU 0), ``iou_threshold``,
+        and with ``mask_dice`` the Dice entries above. Undefined values are None.
     """
     from anatomy_vlp_bundle.networks.box_ops import elementwise_iou  # torch; imported when needed
     import torch
@@ -92,8 +97,14 @@ def evaluate_boxes(
     if prob is not None:
         correct = (prob >= presence_threshold) == present
 
+    dice = None
+    if mask_dice is not None:
+        dice = _to_numpy(mask_dice, "mask_dice")
+        if dice.shape != (n, m):
+            raise ValueError(f"mask_dice must be (N, M)={(n, m)}, got shape {dice.shape}")
     per_anatomy: dict[str, dict[str, Any]] = {}
     means = []
+    dice_means = []
     for j, name in enumerate(names):
         v = iou[present[:, j], j]
         entry: dict[str, Any] = {
@@ -105,8 +116,16 @@ def evaluate_boxes(
         }
         if v.size:
             means.append(entry["mean_iou"])
+        if dice is not None:
+            d = dice[np.isfinite(dice[:, j]), j]
+            entry["n_masks"], entry["mean_dice"] = int(d.size), _mean(d)
+            if d.size:
+                dice_means.append(entry["mean_dice"])
         per_anatomy[name] = entry
     all_iou = iou[present]
+    extra: dict[str, Any] = {}
+    if dice is not None:
+        extra["mean_dice"] = float(np.mean(dice_means)) if dice_means else None
     return {
         "per_anatomy": per_anatomy,
         "mean_iou": float(np.mean(means)) if means else None,
@@ -118,4 +137,5 @@ def evaluate_boxes(
         "n_anatomies_evaluated": len(means),
         "iou_threshold": float(iou_threshold),
         "presence_threshold": float(presence_threshold),
+        **extra,
     }

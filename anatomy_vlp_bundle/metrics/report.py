@@ -276,15 +276,19 @@ def format_markdown_table(metrics: Mapping[str, Any]) -> str:
             "",
             f"- mean IoU over anatomies **{_fmt(loc.get('mean_iou'))}**, over {loc.get('n_instances', 0)} present "
             f"instances {_fmt(loc.get('mean_iou_instances'))}; IoU >= {thr:g}: {_fmt(loc.get('fraction_iou_ge_threshold'))}; "
-            f"presence accuracy {_fmt(loc.get('presence_accuracy'))}",
+            f"presence accuracy {_fmt(loc.get('presence_accuracy'))}"
+            + (f"; predicted-mask Dice {_fmt(loc.get('mean_dice'))}" if "mean_dice" in loc else ""),
             "",
-            f"| anatomy | n present | mean IoU | IoU >= {thr:g} | presence acc. |",
-            "|---|---:|---:|---:|---:|",
+        ]
+        dice = "mean_dice" in loc
+        out += [
+            f"| anatomy | n present | mean IoU | IoU >= {thr:g} | presence acc. |" + (" mask Dice |" if dice else ""),
+            "|---|---:|---:|---:|---:|" + ("---:|" if dice else ""),
         ]
         for name, v in loc["per_anatomy"].items():
             out.append(
                 f"| {name} | {v['n_present']} | {_fmt(v.get('mean_iou'))} | {_fmt(v.get('fraction_iou_ge_threshold'))} | "
-                f"{_fmt(v.get('presence_accuracy'))} |"
+                f"{_fmt(v.get('presence_accuracy'))} |" + (f" {_fmt(v.get('mean_dice'))} |" if dice else "")
             )
         out.append("")
     return "\n".join(out).rstrip() + "\n" if out else "(no metrics)\n"

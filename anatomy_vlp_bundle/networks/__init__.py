@@ -44,6 +44,6 @@ __all__ = [
 
 # model assembly and deploy wrapper (appended)
 from anatomy_vlp_bundle.networks.vlp_model import AnatomyVLPModel, RegionFusion  # noqa: E402
-from anatomy_vlp_bundle.networks.deploy import DeployWrapper, describe_layout, export_torchscript, script_deploy  # noqa: E402
+from anatomy_vlp_bundle.networks.deploy import DeployWrapper, describe_layout, export_program, export_torchscript, script_deploy  # noqa: E402
 
-__all__ += ["AnatomyVLPModel", "RegionFusion", "DeployWrapper", "describe_layout", "export_torchscript", "script_deploy"]
+__all__ += ["AnatomyVLPModel", "RegionFusion", "DeployWrapper", "describe_layout", "export_program", "export_torchscript", "script_deploy"]

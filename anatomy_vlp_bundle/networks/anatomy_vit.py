@@ -394,13 +394,18 @@ class AnatomyViT(nn.Module):
             self.proj = conv(stem_channels[1], hidden_size, kernel_size=tuple(s3), stride=tuple(s3))
             self.stem_stride: List[int] = [a * b for a, b in zip(s1, s2)]
             self.stem_channels = int(stem_channels[1])
+            # the first stage's output ("stem_early", stride s1) feeds the mask head's fine path
+            self.early_stride: List[int] = list(s1)
+            self.early_channels = int(stem_channels[0])
         else:
             # plain linear patch embedding (as MONAI's PatchEmbeddingBlock "conv"); its output
             # doubles as the stem features
-            self.stem = conv(in_channels, hidden_size, kernel_size=patch, stride=patch)
+            self.stem = nn.Sequential(conv(in_channels, hidden_size, kernel_size=patch, stride=patch))
             self.proj = nn.Identity()
             self.stem_stride = list(patch)
             self.stem_channels = hidden_size
+            self.early_stride = list(patch)
+            self.early_channels = hidden_size
 
         if pos_embed == "learnable":
             self.position_embeddings = nn.Parameter(torch.zeros(1, hidden_size, *self.pos_grid))
@@ -464,7 +469,9 @@ class AnatomyViT(nn.Module):
             ``cls`` ``(B, D)``; ``queries`` ``(B, M, D)``; ``patch_tokens`` ``(B, N, D)`` (row-major
             grid order); ``grid`` int64 CPU tensor ``(spatial_dims,)`` with the token grid
             (``out["grid"].tolist()``); ``stem_features`` ``(B, C_s, *S // stem_stride)``: the stem's
-            early per-patch features (the patch embedding itself when ``conv_stem=False``).
+            early per-patch features (the patch embedding itself when ``conv_stem=False``);
+            ``stem_early`` ``(B, early_channels, *S // early_stride)``: the first stem stage's output
+            (the stem features when ``conv_stem=False``).
         """
         if image.dim() != self.spatial_dims + 2:
             raise ValueError(
@@ -486,7 +493,12 @@ class AnatomyViT(nn.Module):
                     + str(self.patch_size)
                 )
 
-        stem = self.stem(image)
+        stem = image
+        early = image
+        for i, stage in enumerate(self.stem):
+            stem = stage(stem)
+            if i == 0:
+                early = stem
         tokens = self.proj(stem)  # (B, D, *grid)
         grid = [int(s) for s in tokens.shape[2:]]
         b = tokens.shape[0]
@@ -529,12 +541,18 @@ class AnatomyViT(nn.Module):
             "patch_tokens": x[:, 1 + m :],
             "grid": torch.tensor(grid, dtype=torch.long),
             "stem_features": stem,
+            "stem_early": early,
         }
 
     # ------------------------------------------------------------------------------------- loading
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):  # noqa: D401
+        # the plain patch embedding was saved as ``stem.weight`` before it became a one-stage Sequential
+        if not self.conv_stem:
+            for name in ("weight", "bias"):
+                if prefix + "stem." + name in state_dict:
+                    state_dict[prefix + "stem.0." + name] = state_dict.pop(prefix + "stem." + name)
         # a learnable position embedding saved for another input size is interpolated to ours
         key = prefix + "position_embeddings"
         if self.pos_embed_type == "learnable" and key in state_dict:

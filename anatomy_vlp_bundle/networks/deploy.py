@@ -29,6 +29,9 @@ then scripts it.
 
 ``torch.jit.script`` is used (not tracing): the token grid, the number of patches inside each
 predicted box and the prior's per-anatomy lookup depend on the input, which a trace would freeze.
+:func:`export_program` offers the same wrapper through ``torch.export`` (TorchScript's
+successor; a ``.pt2`` archive): the code has no branch on data, so the exported program keeps
+the region sizes symbolic and matches eager on other images too.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .box_ops import boxes_to_token_mask
 from .region_stats import region_statistics
 from .vlp_model import AnatomyVLPModel, abnormality_from_score, image_patches, max_finding_probability, prior_summary_features
 
-__all__ = ["DeployWrapper", "describe_layout", "script_deploy", "export_torchscript", "LAYOUT_VERSION"]
+__all__ = ["DeployWrapper", "describe_layout", "script_deploy", "export_torchscript", "export_program", "LAYOUT_VERSION"]
 
 LAYOUT_VERSION = 1
 PAD_VALUE = -1.0
@@ -110,12 +113,16 @@ class DeployWrapper(nn.Module):
 
     Args:
         model: the trained model.
+        preprocessing: the inference chain's settings (``spacing``, ``roi_size``, ``hu_window``; a
+            training checkpoint's ``extras["preprocessing"]``), kept in the layout so that the
+            exported file says how to prepare its input.
 
     ``forward(image (B, C, *S)) -> pred (B, M + 1, K)``; ``layout_json`` (str attribute) holds
-    :func:`describe_layout`; ``thresholds`` (M, F) and ``study_thresholds`` (S,) are buffers.
+    :func:`describe_layout` (plus ``preprocessing`` and ``img_size``); ``thresholds`` (M, F) and
+    ``study_thresholds`` (S,) are buffers.
     """
 
-    def __init__(self, model: AnatomyVLPModel) -> None:
+    def __init__(self, model: AnatomyVLPModel, preprocessing: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         if not isinstance(model, AnatomyVLPModel):
             raise TypeError(f"DeployWrapper: expected an AnatomyVLPModel, got {type(model).__name__}")
@@ -133,6 +140,7 @@ class DeployWrapper(nn.Module):
         for name, buf in model.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=name not in model._non_persistent_buffers_set)
         self.spatial_dims: int = model.spatial_dims
+        self.in_channels: int = int(model.config.get("in_channels", 1))
         self.num_anatomies: int = model.num_anatomies
         self.num_findings: int = model.num_findings
         self.num_study_findings: int = model.num_study_findings
@@ -143,6 +151,8 @@ class DeployWrapper(nn.Module):
         self.region_stats_bins: int = model.region_stats_bins
         self.focal_scales: List[float] = list(model.focal_scales)
         layout = describe_layout(model.catalog, model.spatial_dims)
+        layout["img_size"] = [int(v) for v in model.backbone.img_size]
+        layout["preprocessing"] = json.loads(json.dumps(preprocessing or {}))
         self.num_columns: int = int(layout["K"])
         self.pad_value: float = PAD_VALUE
         self.layout_json: str = json.dumps(layout)
@@ -202,7 +212,7 @@ class DeployWrapper(nn.Module):
         if self.region_stats_bins > 0:
             mask_logits: Optional[torch.Tensor] = None
             if self.seg_head is not None:
-                mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid)
+                mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid, feats["stem_early"])
             raw_stats, stats_valid = region_statistics(
                 image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales
             )
@@ -273,4 +283,49 @@ def export_torchscript(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch 2.13 warns that torch.jit.save is deprecated
         torch.jit.save(scripted, str(path), _extra_files=files)
+    return path
+
+
+def export_program(
+    model: Union[AnatomyVLPModel, DeployWrapper],
+    path: Union[str, Path],
+    example: Optional[torch.Tensor] = None,
+    extra_files: Optional[Dict[str, str]] = None,
+    check_atol: float = 1e-4,
+) -> Path:
+    """``torch.export`` the deploy wrapper (TorchScript's successor) and save it as a ``.pt2`` archive.
+
+    The program is exported for the model's input size (``example``: default a random
+    ``(1, C, *img_size)``; preprocessing always yields that size), with ``layout.json`` (as in
+    :func:`export_torchscript`) and ``extra_files`` inside. Region sizes stay data-dependent in
+    the program (no guard on them), so it is valid for any image of that size; before saving, its
+    output on a second random image is compared with the eager wrapper's.
+
+    Raises:
+        RuntimeError: when the exported program and the eager model differ by more than ``check_atol``.
+
+    Returns:
+        the written path (load with ``torch.export.load(path).module()``).
+    """
+    wrapper = model if isinstance(model, DeployWrapper) else DeployWrapper(model)
+    size = [int(v) for v in wrapper.backbone.img_size]
+    channels = wrapper.in_channels
+    g = torch.Generator().manual_seed(0)
+    x = example if example is not None else torch.rand([1, channels] + size, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(wrapper, (x,))
+    check = torch.rand(x.shape, generator=g)
+    with torch.no_grad():
+        diff = (program.module()(check) - wrapper(check)).abs().max().item()
+    if not diff <= check_atol:
+        raise RuntimeError(f"export_program: exported and eager outputs differ by {diff:g} (> {check_atol:g})")
+    layout = json.loads(wrapper.layout_json)
+    layout["thresholds"] = wrapper.thresholds.tolist()
+    layout["study_thresholds"] = wrapper.study_thresholds.tolist()
+    files = {"layout.json": json.dumps(layout)}
+    files.update(extra_files or {})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path), extra_files=files)
     return path

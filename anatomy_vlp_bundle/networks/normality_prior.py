@@ -70,6 +70,7 @@ __all__ = [
     "PartitionedEMAQuantizer",
     "ConditionedMLP",
     "partitioned_nearest_code",
+    "dense_nearest_code",
     "fit_score_calibration",
     "calibrated_abnormality",
 ]
@@ -94,6 +95,9 @@ def partitioned_nearest_code(
     Returns:
         global code indices, shape ``(P,)`` (``int64``); row ``p`` lies in its anatomy's partition.
     """
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_compiling():  # torch.export / torch.compile: no data-dependent indexing
+            return dense_nearest_code(z, anatomy_ids, codebook, codes_per_anatomy)
     codes = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
     num_anatomies = codebook.shape[0] // codes_per_anatomy
     z = z.float()
@@ -106,6 +110,20 @@ def partitioned_nearest_code(
         dist2 = (part * part).sum(1).unsqueeze(0) - 2.0 * torch.mm(z[rows], part.t())
         codes[rows] = torch.argmin(dist2, dim=1) + m * codes_per_anatomy
     return codes
+
+
+def dense_nearest_code(
+    z: torch.Tensor, anatomy_ids: torch.Tensor, codebook: torch.Tensor, codes_per_anatomy: int
+) -> torch.Tensor:
+    """:func:`partitioned_nearest_code` as one dense ``(P, M * K)`` distance matrix with the other
+    partitions masked out: no data-dependent indexing (``torch.export``), same result (ties go to
+    the lowest index), but measured about 30x slower on the CPU for a training batch (12k rows,
+    10 x 64 codes: 117 ms against 4 ms), so training uses the partitioned loop."""
+    book = codebook.float()
+    dist2 = (book * book).sum(1).unsqueeze(0) - 2.0 * torch.mm(z.float(), book.t())
+    owner = torch.div(torch.arange(book.shape[0], device=z.device), codes_per_anatomy, rounding_mode="floor")
+    dist2 = dist2.masked_fill(owner.unsqueeze(0) != anatomy_ids.to(owner.dtype).unsqueeze(1), float("inf"))
+    return torch.argmin(dist2, dim=1)
 
 
 class PartitionedEMAQuantizer(EMAQuantizer):
@@ -572,10 +590,12 @@ class NormalityPrior(nn.Module):
         present = per_anatomy > 0
         perplexity = torch.where(present, perp, torch.zeros_like(perp)).sum() / present.sum().clamp(min=1).float()
 
-        if bool(self.score_calibrated):
-            abnormality = calibrated_abnormality(anatomy_score, self.score_quantiles)
-        else:
-            abnormality = torch.full_like(anatomy_score, float("nan"))
+        # a select rather than a branch on the buffer: no data-dependent control flow (torch.export)
+        abnormality = torch.where(
+            self.score_calibrated.to(torch.bool),
+            calibrated_abnormality(anatomy_score, self.score_quantiles),
+            torch.full_like(anatomy_score, float("nan")),
+        )
 
         return {
             "patch_error": patch_error,

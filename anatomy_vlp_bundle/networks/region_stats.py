@@ -97,8 +97,7 @@ def _predicted_weights(boxes: torch.Tensor, index: int, spatial: List[int], mask
         return _box_weights(boxes, index, spatial)
     pred_w = (upsample_mask_logits(mask_logits[:, index : index + 1].detach(), spatial)[:, 0].flatten(1) > 0).to(torch.float32)
     has_pred = pred_w.sum(dim=1, keepdim=True) > 0
-    if bool(has_pred.all()):
-        return pred_w
+    # always the select (no branch on the data: torch.export); the box mask is cheap
     return torch.where(has_pred, pred_w, _box_weights(boxes, index, spatial))
 
 

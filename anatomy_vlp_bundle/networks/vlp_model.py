@@ -485,7 +485,8 @@ class AnatomyVLPModel(nn.Module):
         self.seg_head: Optional[SegmentationHead] = None
         if segmentation:
             self.seg_head = SegmentationHead(
-                dims, self.backbone.stem_channels, hidden_size, m, self.backbone.stem_stride, in_channels
+                dims, self.backbone.stem_channels, hidden_size, m, self.backbone.stem_stride, in_channels,
+                early_channels=self.backbone.early_channels,
             )
         self.region_proj = RegionFusion(
             self.pooling.out_dim,
@@ -727,7 +728,7 @@ class AnatomyVLPModel(nn.Module):
         boxes = det["boxes"]
         mask_logits: Optional[torch.Tensor] = None
         if self.seg_head is not None:
-            mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid)
+            mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid, feats["stem_early"])
 
         weights = _region_tokens(boxes, grid, mask_tokens, regions, self.soft_boxes)
         region_feat = self.pooling(queries, patch_tokens, grid, weights, None)
