@@ -132,6 +132,14 @@ def test_infer_batch_and_ckpt_export_from_the_trained_checkpoint(trained_ct, ses
     ts = tmp_path / "model.ts"
     ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(best), key_in_ckpt="model",
                 meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.yaml"), ckpt_path=str(best))
+    # the model-zoo check of the metadata's network_data_format on the exported network definition
+    from monai.bundle import verify_net_in_out
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = CT_GRID["shape"]
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    verify_net_in_out(net_id="network_def", meta_file=str(tmp_path / "metadata.json"),
+                      config_file=str(CONFIGS / "inference.yaml"), ckpt_path=str(best))
     script, eager = Predictor.load(ts), Predictor.load(best)
     assert script.kind == "torchscript" and script.preprocessing["spacing"] == CT_GRID["spacing"]
     assert script.preprocessing["roi_size"] == CT_GRID["shape"] and script.version == eager.version != ""

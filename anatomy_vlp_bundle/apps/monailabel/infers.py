@@ -2,8 +2,8 @@
 
 MONAI Label's generic ``BundleInferTask`` rebuilds the bundle's ``preprocessing`` / ``inferer`` /
 ``postprocessing`` chain and expects one segmentation tensor out. This model answers with a
-contract result (``../shared/DATA_CONTRACT.md``, "Inference result") and writes its label map
-through the inverse of its own preprocessing, so both tasks call the ``Predictor`` instead:
+contract result (``../shared/DATA_CONTRACT.md``, "Inference result") and resamples its label map
+onto the input grid by physical position, so both tasks call the ``Predictor`` instead:
 
 - :class:`AnatomyRegionsInfer` (``anatomy_vlp_regions``, segmentation): the predicted anatomy
   regions as a label map on the input image's own grid (values: the catalog's first label of each
