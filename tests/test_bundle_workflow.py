@@ -161,6 +161,20 @@ def test_resume_restarts_at_the_right_epoch(session_dirs):
     assert len(trainer.state.epoch_times) == 1  # this run trained epoch 2 only
     assert trainer.state.vlp_stage.name == "alignment"  # the stage of epoch 2 of 2, derived after the restore
     assert (root / "models" / "checkpoint_epoch=2.pt").is_file()
+    # every checkpoint has its checksum beside it
+    for name in ("checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt"):
+        assert (root / "models" / (name + ".sha256")).is_file(), name
+
+    # the newest checkpoint corrupted (a bit flipped after it was written): named, skipped, and the
+    # run resumes from the one before it
+    last = root / "models" / "checkpoint_epoch=2.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    wf = run_workflow(TRAIN, **ct_overrides(root, session_dirs["text"], session_dirs["ct"], max_epochs=3, resume=True))
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert wf.parser.get_parsed_content("train#resume_path").endswith("checkpoint_epoch=1.pt")
+    assert trainer.state.epoch == 3 and len(trainer.state.epoch_times) == 2  # epochs 2 and 3 trained again
 
 
 def test_cxr_training(session_dirs):

@@ -214,3 +214,74 @@ def test_parameter_groups_scale_the_learning_rate_of_a_prefix():
     with pytest.raises(ValueError, match="needs the base lr"):
         parameter_groups(net, 0.05, lr_scale={"1": 2.0})
     del sched
+
+
+
+def test_checksums_detect_corruption_and_resume_takes_the_newest_good_checkpoint(tmp_path, caplog):
+    import logging
+
+    from anatomy_vlp_bundle.engines.checkpoint import CheckpointChecksums, verify_checkpoint, write_checksum
+    from anatomy_vlp_bundle.engines.workflow import resume_checkpoint
+
+    assert resume_checkpoint(str(tmp_path), True) is None and resume_checkpoint(str(tmp_path), False) is None
+    for epoch in (1, 2, 3):
+        torch.save({"model": {"w": torch.full((64,), float(epoch))}}, tmp_path / f"checkpoint_epoch={epoch}.pt")
+    CheckpointChecksums(tmp_path)()
+    assert sorted(p.name for p in tmp_path.glob("*.sha256")) == [f"checkpoint_epoch={e}.pt.sha256" for e in (1, 2, 3)]
+    assert verify_checkpoint(tmp_path / "checkpoint_epoch=3.pt")["model"]["w"][0] == 3
+
+    # epoch 3: a flipped byte (checksum); epoch 2: truncated by a crash (no checksum written yet)
+    p3 = tmp_path / "checkpoint_epoch=3.pt"
+    data = bytearray(p3.read_bytes())
+    data[-40] ^= 0xFF
+    p3.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"checkpoint_epoch=3.pt: SHA-256 .* corrupted"):
+        verify_checkpoint(p3)
+    p2 = tmp_path / "checkpoint_epoch=2.pt"
+    (tmp_path / "checkpoint_epoch=2.pt.sha256").unlink()
+    p2.write_bytes(p2.read_bytes()[:200])
+    with pytest.raises(ValueError, match="checkpoint_epoch=2.pt"):
+        verify_checkpoint(p2)
+    with caplog.at_level(logging.WARNING):
+        assert resume_checkpoint(str(tmp_path), True).endswith("checkpoint_epoch=1.pt")
+    assert "checkpoint_epoch=3.pt" in caplog.text and "checkpoint_epoch=2.pt" in caplog.text
+
+    p1 = tmp_path / "checkpoint_epoch=1.pt"
+    p1.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="no usable checkpoint"):
+        resume_checkpoint(str(tmp_path), True)
+
+    # the handler rewrites a stale checksum and drops the ones whose checkpoint is gone
+    write_checksum(p1)
+    p3.unlink()
+    CheckpointChecksums(tmp_path)()
+    assert not (tmp_path / "checkpoint_epoch=3.pt.sha256").exists()
+    assert (tmp_path / "checkpoint_epoch=1.pt.sha256").read_text().split()[1] == "checkpoint_epoch=1.pt"
+
+
+def test_nonfinite_loss_stops_or_skips_before_any_update(caplog):
+    import logging
+
+    def nan_loss(outputs, targets):
+        good = (outputs["boxes"] - 0.5).pow(2).mean()
+        return {"loss": good + outputs["zero_shot_logits"].sum() * float("nan"), "detection": good,
+                "prompt_pair": outputs["zero_shot_logits"].sum() * float("nan")}
+
+    stage = Stage("s", 1, ("detection",), fit_prior=False)
+    batch = dict(_batch(2), id=["case_a", "case_b"])
+    net = _model()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    eng = _engine(net, acc=1, epoch_length=1, stage=stage)
+    eng.optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    eng.state.iteration = 1
+    with pytest.raises(FloatingPointError, match=r"\['prompt_pair'\].*\['case_a', 'case_b'\]"):
+        VLPTrainIteration(nan_loss, nonfinite="stop")(eng, batch)
+    with caplog.at_level(logging.ERROR):
+        out = VLPTrainIteration(nan_loss, nonfinite="skip")(eng, batch)
+    assert out["skipped"] == 1 and out["loss"] == 0.0 and "case_a" in caplog.text
+    for n, p in net.named_parameters():  # neither mode let the NaN reach a weight
+        assert torch.equal(p.detach(), before[n]), n
+    # the skip still took part in backward (zero gradients): DDP ranks stay in step
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in net.parameters())
+    with pytest.raises(ValueError, match="nonfinite"):
+        VLPTrainIteration(nan_loss, nonfinite="ignore")

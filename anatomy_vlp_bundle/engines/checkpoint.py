@@ -1,21 +1,35 @@
-"""What a checkpoint carries besides weights, as plain types (``torch.load(..., weights_only=True)``).
+"""What a checkpoint carries besides weights, as plain types (``torch.load(..., weights_only=True)``),
+and how checkpoints are kept safe.
 
 Ignite's ``Checkpoint`` (behind MONAI's ``CheckpointSaver`` / ``CheckpointLoader``) saves every
 object of its ``save_dict`` through ``state_dict()`` and restores it through ``load_state_dict()``.
 :class:`CheckpointExtras` is such an object: it reads the catalog, the model's constructor
 arguments and its decision thresholds from the network when saved, so the checkpoint is
 self-describing without pickled classes.
+
+Crash safety: Ignite's ``DiskSaver`` (behind ``CheckpointSaver``) writes each file to a temporary
+file in the same folder and renames it, so a run killed mid-write leaves the previous checkpoint
+whole. :class:`CheckpointChecksums` then writes a ``<file>.sha256`` beside every checkpoint
+(``sha256sum`` format, also written atomically); :func:`verify_checkpoint` checks it and loads the
+file with ``weights_only=True``, and resuming (``engines.workflow.resume_checkpoint``) takes the
+newest checkpoint that passes, naming every one that does not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["CheckpointExtras", "load_checkpoint", "latest_checkpoint", "CHECKPOINT_KEYS"]
+__all__ = [
+    "CheckpointExtras", "CheckpointChecksums", "load_checkpoint", "latest_checkpoint", "epoch_checkpoints",
+    "write_checksum", "verify_checkpoint", "CHECKPOINT_KEYS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +110,82 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Optional[str]:
-    """Path of the newest ``{prefix}_epoch=N.pt`` in ``ckpt_dir`` (highest N), or None."""
-    best, best_epoch = None, -1
+def epoch_checkpoints(ckpt_dir: str | Path, prefix: str = "checkpoint") -> list[str]:
+    """Paths of the ``{prefix}_epoch=N.pt`` files in ``ckpt_dir``, newest (highest N) first."""
+    found = []
     for p in Path(ckpt_dir).glob(f"{prefix}_epoch=*.pt"):
         try:
-            epoch = int(p.stem.split("=")[-1])
+            found.append((int(p.stem.split("=")[-1]), str(p)))
         except ValueError:
             continue
-        if epoch > best_epoch:
-            best, best_epoch = str(p), epoch
-    return best
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Optional[str]:
+    """Path of the newest ``{prefix}_epoch=N.pt`` in ``ckpt_dir`` (highest N), or None."""
+    found = epoch_checkpoints(ckpt_dir, prefix)
+    return found[0] if found else None
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksum(path: str | Path) -> Path:
+    """Write ``<path>.sha256`` (``"<hex>  <name>"``, as ``sha256sum``) atomically; returns its path."""
+    path = Path(path)
+    side = path.with_name(path.name + ".sha256")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256_")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{_sha256(path)}  {path.name}\n")
+    os.replace(tmp, side)
+    return side
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check ``<path>.sha256`` when it exists, then :func:`load_checkpoint`; a clear error names the file.
+
+    Raises:
+        ValueError: the checksum differs (the file changed after it was written) or the file does not load.
+    """
+    path = Path(path)
+    side = path.with_name(path.name + ".sha256")
+    if side.is_file() and path.is_file():
+        want = side.read_text().split()[0] if side.read_text().strip() else ""
+        got = _sha256(path)
+        if want != got:
+            raise ValueError(f"checkpoint {path}: SHA-256 {got[:12]}... does not match {side.name} ({want[:12]}...): the file is corrupted")
+    return load_checkpoint(path)
+
+
+class CheckpointChecksums:
+    """Ignite handler: after each epoch, a ``.sha256`` beside every new or rewritten ``*.pt`` of
+    ``ckpt_dir`` and none beside files that are gone. Attach it after the ``CheckpointSaver`` of
+    the same engine (handlers run in the order they were attached).
+
+    Args:
+        ckpt_dir: the savers' ``save_dir``.
+    """
+
+    def __init__(self, ckpt_dir: str | Path) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any = None) -> None:
+        if not self.ckpt_dir.is_dir():
+            return
+        for side in self.ckpt_dir.glob("*.pt.sha256"):
+            if not side.with_name(side.name[: -len(".sha256")]).is_file():
+                side.unlink(missing_ok=True)
+        for ckpt in self.ckpt_dir.glob("*.pt"):
+            side = ckpt.with_name(ckpt.name + ".sha256")
+            if not side.is_file() or side.stat().st_mtime_ns < ckpt.stat().st_mtime_ns:
+                write_checksum(ckpt)

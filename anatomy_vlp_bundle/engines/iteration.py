@@ -100,6 +100,12 @@ class VLPTrainIteration:
         grad_clip: max gradient norm (None: no clipping); applied at every optimizer step.
         regions: the model's ``regions`` argument in training (``"auto"``: masks where given).
         uncertain_as: None, 0 or 1 (normality masks; the criterion has its own setting).
+        nonfinite: what a non-finite loss does, checked before ``backward`` so that no NaN reaches
+            the weights: ``"stop"`` raises ``FloatingPointError`` naming the batch's case ids and the
+            non-finite terms (training stops; the last checkpoint is whole, ``--resume true``
+            continues from it); ``"skip"`` logs the same and backpropagates a zero loss instead, so
+            the batch contributes nothing while DDP ranks and gradient accumulation stay in step
+            (the output then has ``"skipped": 1``).
 
     Returns (per step) a dict: ``loss`` (float, the weighted total), one float per loss term and
     component (``detection``, ``detection.giou``, ...), ``lr``, ``batch_size``. A batch whose cases
@@ -116,7 +122,11 @@ class VLPTrainIteration:
         grad_clip: Optional[float] = None,
         regions: str = "auto",
         uncertain_as: Optional[int] = None,
+        nonfinite: str = "stop",
     ) -> None:
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"VLPTrainIteration: nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.criterion = criterion
         self.sentence_targets = sentence_targets
         self.amp = amp
@@ -166,7 +176,17 @@ class VLPTrainIteration:
             outputs = network(batch["image"], batch.get("anatomy"), normal, regions=self.regions)
             losses = self.criterion(outputs, targets)
         loss = losses["loss"]
-        if not loss.requires_grad:  # every enabled term was skipped (e.g. no labels in the batch)
+        skipped = False
+        if not bool(torch.isfinite(loss.detach()).all()):
+            bad = sorted(k for k, v in losses.items() if k != "loss" and isinstance(v, torch.Tensor) and not bool(torch.isfinite(v.detach()).all()))
+            msg = (f"iteration {engine.state.iteration}: non-finite loss (terms {bad}) on the batch of cases "
+                   f"{list(batch.get('id') or [])}")
+            if self.nonfinite == "stop":
+                raise FloatingPointError(msg + ": training stopped before the update (resume from the last checkpoint)")
+            logger.error("%s: batch skipped", msg)
+            skipped = True
+            loss = sum(p.sum() * 0.0 for p in network.parameters() if p.requires_grad)
+        elif not loss.requires_grad:  # every enabled term was skipped (e.g. no labels in the batch)
             loss = loss + sum(p.sum() * 0.0 for p in network.parameters() if p.requires_grad)
         scaled = loss / acc
         if self.scaler is not None:
@@ -180,6 +200,8 @@ class VLPTrainIteration:
         out["loss"] = float(loss.detach().float())
         out["lr"] = float(engine.optimizer.param_groups[0]["lr"])
         out["batch_size"] = int(batch["image"].shape[0])
+        if skipped:
+            out = {"loss": 0.0, "skipped": 1, "lr": out["lr"], "batch_size": out["batch_size"]}
         return out
 
     def _step(self, engine: Any) -> None:

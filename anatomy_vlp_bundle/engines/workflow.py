@@ -144,17 +144,33 @@ def parameter_groups(
 
 
 def resume_checkpoint(ckpt_dir: str, resume: bool) -> Optional[str]:
-    """The last training checkpoint to resume from (``resume`` and one exists), else None."""
+    """The checkpoint to resume from (``resume`` and one exists), else None.
+
+    The newest ``checkpoint_epoch=N.pt`` whose checksum (when written) matches and which loads
+    with ``weights_only=True``; every newer one that fails is named in a warning and skipped.
+
+    Raises:
+        ValueError: when checkpoints exist but none is usable (nothing is silently restarted).
+    """
     if not resume:
         return None
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import epoch_checkpoints, verify_checkpoint
 
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
+    found = epoch_checkpoints(ckpt_dir)
+    if not found:
         logger.info("resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-    else:
+        return None
+    problems = []
+    for path in found:
+        try:
+            verify_checkpoint(path)
+        except (OSError, ValueError) as e:
+            logger.warning("resume: skipping %s: %s", path, e)
+            problems.append(f"{path}: {e}")
+            continue
         logger.info("resume: from %s", path)
-    return path
+        return path
+    raise ValueError(f"resume: no usable checkpoint in {ckpt_dir}:\n  " + "\n  ".join(problems))
 
 
 #: iteration outputs that are bookkeeping, not losses
