@@ -143,7 +143,13 @@ def test_bundle_trains_under_torchrun(ddp_bundle_run):
 
     # checkpoints (rank 0): weights_only, no DDP 'module.' prefix, strict load into a fresh model
     models = root / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
+    # the last two epoch checkpoints and the best one, each with its checksum (written once, by rank 0)
+    names = ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "model.pt"]
+    assert sorted(p.name for p in models.iterdir()) == sorted(names + [n + ".sha256" for n in names])
+    from anatomy_vlp_bundle.engines.checkpoint import verify_checkpoint
+
+    for name in names:
+        verify_checkpoint(models / name)
     from anatomy_vlp_bundle.networks.vlp_model import AnatomyVLPModel
 
     for path in (models / "checkpoint_epoch=2.pt", models / "model.pt"):
