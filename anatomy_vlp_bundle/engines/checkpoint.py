@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "CheckpointExtras", "CheckpointChecksums", "load_checkpoint", "latest_checkpoint", "epoch_checkpoints",
-    "write_checksum", "verify_checkpoint", "CHECKPOINT_KEYS",
+    "write_checksum", "verify_checkpoint", "file_sha256", "CHECKPOINT_KEYS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> Optio
     return found[0] if found else None
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -141,7 +142,7 @@ def write_checksum(path: str | Path) -> Path:
     side = path.with_name(path.name + ".sha256")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256_")
     with os.fdopen(fd, "w") as f:
-        f.write(f"{_sha256(path)}  {path.name}\n")
+        f.write(f"{file_sha256(path)}  {path.name}\n")
     os.replace(tmp, side)
     return side
 
@@ -155,8 +156,8 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     side = path.with_name(path.name + ".sha256")
     if side.is_file() and path.is_file():
-        want = side.read_text().split()[0] if side.read_text().strip() else ""
-        got = _sha256(path)
+        want = (side.read_text().split() or [""])[0]
+        got = file_sha256(path)
         if want != got:
             raise ValueError(f"checkpoint {path}: SHA-256 {got[:12]}... does not match {side.name} ({want[:12]}...): the file is corrupted")
     return load_checkpoint(path)

@@ -13,11 +13,20 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["collect_inputs", "run_batch", "infer_command", "infer_batch_command", "export_command"]
+__all__ = ["image_stem", "collect_inputs", "run_batch", "infer_command", "infer_batch_command", "export_command"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm")
+
+
+def image_stem(path: str | Path) -> str:
+    """The file (or folder) name without its image extension: ``case_0007.nii.gz`` -> ``case_0007``."""
+    name = Path(str(path).rstrip("/")).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _is_image(p: Path) -> bool:
@@ -48,7 +57,7 @@ def collect_inputs(source: str | Path, split: str = "test", modality: Optional[s
         if p.is_dir() and ct and any(q.suffix.lower() == ".dcm" or q.suffix == "" for q in p.iterdir() if q.is_file()):
             items.append({"id": p.name, "image": str(p)})
         elif _is_image(p) and not (ct and p.suffix.lower() == ".dcm"):
-            items.append({"id": re.sub(r"(\.nii\.gz|\.[^.]+)$", "", p.name), "image": str(p)})
+            items.append({"id": image_stem(p), "image": str(p)})
     if ct and any(p.suffix.lower() == ".dcm" for p in source.iterdir() if p.is_file()):
         items.append({"id": source.name, "image": str(source)})  # the folder itself is a DICOM series
     if not items:

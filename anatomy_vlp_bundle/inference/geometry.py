@@ -32,15 +32,9 @@ def _corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _apply(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
-    d = points.shape[1]
+    """``(P, 3)`` points through a 4x4 affine."""
     homo = np.concatenate([points, np.ones((points.shape[0], 1))], axis=1)
-    full = np.eye(4)
-    a = np.asarray(affine, dtype=np.float64)
-    full[: a.shape[0], : a.shape[1]] = a
-    if d < 3:  # 2D affines in MONAI are 3x3 or embedded 4x4 with z unused
-        homo = np.concatenate([points, np.zeros((points.shape[0], 3 - d)), np.ones((points.shape[0], 1))], axis=1)
-        return (homo @ full.T)[:, :d]
-    return (homo @ full.T)[:, :3]
+    return (homo @ np.asarray(affine, dtype=np.float64).T)[:, :3]
 
 
 def grid_box_to_world(box: Sequence[float], affine: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ the file's SHA-256, and the research-use notice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import torch
 
 from ..data.catalog import Catalog, load_catalog
 from ..data.readers import load_study_image
+from ..engines.checkpoint import file_sha256
 from . import geometry
 
 __all__ = ["NOTICE", "Prediction", "Predictor", "deploy_from_checkpoint", "file_sha256", "format_report", "model_from_checkpoint"]
@@ -38,14 +38,6 @@ __all__ = ["NOTICE", "Prediction", "Predictor", "deploy_from_checkpoint", "file_
 logger = logging.getLogger(__name__)
 
 NOTICE = "Research use only. Not for diagnostic use."
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

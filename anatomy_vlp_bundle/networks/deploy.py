@@ -254,6 +254,16 @@ def script_deploy(model: Union[AnatomyVLPModel, DeployWrapper]) -> torch.jit.Scr
         return torch.jit.script(wrapper)
 
 
+def _export_files(wrapper: DeployWrapper, extra_files: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """``layout.json`` (the layout plus the current thresholds) and ``extra_files``: the extra files of an export."""
+    layout = json.loads(wrapper.layout_json)
+    layout["thresholds"] = wrapper.thresholds.tolist()
+    layout["study_thresholds"] = wrapper.study_thresholds.tolist()
+    files = {"layout.json": json.dumps(layout)}
+    files.update(extra_files or {})
+    return files
+
+
 def export_torchscript(
     model: Union[AnatomyVLPModel, DeployWrapper],
     path: Union[str, Path],
@@ -273,11 +283,7 @@ def export_torchscript(
             stacklevel=2,
         )
     scripted = script_deploy(wrapper)
-    layout = json.loads(scripted.layout_json)
-    layout["thresholds"] = scripted.thresholds.tolist()
-    layout["study_thresholds"] = scripted.study_thresholds.tolist()
-    files = {"layout.json": json.dumps(layout)}
-    files.update(extra_files or {})
+    files = _export_files(wrapper, extra_files)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -320,11 +326,7 @@ def export_program(
         diff = (program.module()(check) - wrapper(check)).abs().max().item()
     if not diff <= check_atol:
         raise RuntimeError(f"export_program: exported and eager outputs differ by {diff:g} (> {check_atol:g})")
-    layout = json.loads(wrapper.layout_json)
-    layout["thresholds"] = wrapper.thresholds.tolist()
-    layout["study_thresholds"] = wrapper.study_thresholds.tolist()
-    files = {"layout.json": json.dumps(layout)}
-    files.update(extra_files or {})
+    files = _export_files(wrapper, extra_files)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(path), extra_files=files)

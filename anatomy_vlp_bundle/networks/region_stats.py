@@ -97,7 +97,11 @@ def _predicted_weights(boxes: torch.Tensor, index: int, spatial: List[int], mask
         return _box_weights(boxes, index, spatial)
     pred_w = (upsample_mask_logits(mask_logits[:, index : index + 1].detach(), spatial)[:, 0].flatten(1) > 0).to(torch.float32)
     has_pred = pred_w.sum(dim=1, keepdim=True) > 0
-    # always the select (no branch on the data: torch.export); the box mask is cheap
+    if not torch.jit.is_scripting():
+        # eager (training): skip the full-resolution box masks when no sample needs them; under
+        # torch.export no branch on the data, always the select
+        if not torch.compiler.is_compiling() and bool(has_pred.all()):
+            return pred_w
     return torch.where(has_pred, pred_w, _box_weights(boxes, index, spatial))
 
 

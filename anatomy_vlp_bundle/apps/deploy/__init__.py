@@ -4,28 +4,7 @@ the present anatomies' boxes and a Basic Text SR of the report out (:mod:`.app`)
 Needs the deploy environment (``bash scripts/deploy_env.sh``): ``monai-deploy-app-sdk``, ``highdicom``.
 """
 
-from .app import (
-    CT_SELECTION_RULES,
-    AnatomyBoxSegWriterOperator,
-    AnatomyVLPDeployApp,
-    AnatomyVLPInferenceOperator,
-    DeployInputError,
-    SeriesPrediction,
-    anatomy_code,
-    box_segmentation,
-    order_along_slice_axis,
-    resolve_model_file,
-)
+from . import app as _app
+from .app import *  # noqa: F401,F403 - the app module's public names
 
-__all__ = [
-    "CT_SELECTION_RULES",
-    "AnatomyBoxSegWriterOperator",
-    "AnatomyVLPDeployApp",
-    "AnatomyVLPInferenceOperator",
-    "DeployInputError",
-    "SeriesPrediction",
-    "anatomy_code",
-    "box_segmentation",
-    "order_along_slice_axis",
-    "resolve_model_file",
-]
+__all__ = list(_app.__all__)

@@ -38,6 +38,7 @@ from monailabel.utils.others.generic import device_list, name_to_device
 
 from anatomy_vlp_bundle.data.catalog import Catalog
 from anatomy_vlp_bundle.data.datalist import SPLITS, load_datalist, write_datalist
+from anatomy_vlp_bundle.inference.batch import image_stem
 
 __all__ = ["AnatomyVLPTrainTask", "TEXT_FIELDS", "contract_records", "split_by_patient", "studies_records"]
 
@@ -45,15 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: record fields taken from the studies datalist / the datastore's per-image info
 TEXT_FIELDS = ("report", "anatomy_sentences", "findings", "study_findings", "patient")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm")
-
-
-def _stem(path: str) -> str:
-    name = Path(str(path).rstrip("/")).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def studies_records(datalist_path: str | Path) -> Tuple[Dict[str, Dict[str, Any]], Catalog]:
@@ -65,7 +57,7 @@ def studies_records(datalist_path: str | Path) -> Tuple[Dict[str, Dict[str, Any]
         for rec in dl.records(split):
             index.setdefault(str(rec["id"]), rec)
             if rec.get("image"):
-                index.setdefault(_stem(rec["image"]), rec)
+                index.setdefault(image_stem(rec["image"]), rec)
     return index, dl.catalog()
 
 
@@ -92,7 +84,7 @@ def contract_records(datastore: Datastore, catalog: Catalog,
         if not image or not label:
             logger.warning("training: image %s has no readable image/final label file, skipped", image_id)
             continue
-        source = known.get(str(image_id)) or known.get(_stem(image))
+        source = known.get(str(image_id)) or known.get(image_stem(image))
         record: Dict[str, Any] = {}
         if source is not None:
             counts["matched"] += 1
