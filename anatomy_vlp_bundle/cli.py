@@ -13,6 +13,7 @@ def _commands() -> dict:
     # Imported lazily so that `--help` and light commands do not pay for torch/transformers imports.
     from .data.validate import validate_command
     from .inference.batch import export_command, infer_batch_command, infer_command
+    from .prepare import prepare_command
     from .synthetic import synth_command
     from .text.reports import parse_report_command
 
@@ -24,6 +25,7 @@ def _commands() -> dict:
         "export": export_command,
         "synth": synth_command,
         "parse-report": parse_report_command,
+        "prepare": prepare_command,
         "parse_report": parse_report_command,
     }
 
