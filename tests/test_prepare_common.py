@@ -118,3 +118,19 @@ def test_assign_splits_keeps_patients_together():
 def test_prepare_command_unknown_source(capsys):
     with pytest.raises(SystemExit, match="unknown source 'mimic'"):
         prepare_command("mimic", input="x", output="y")
+
+
+def test_changed_options_convert_again_and_late_notes(tmp_path):
+    cases = _source(tmp_path, n=4)
+    out = tmp_path / "out"
+    calls: list[str] = []
+    kw = dict(source="toy", name="toy", modality="CXR", catalog="cxr_imagenome29", output=out, cases=cases,
+              progress=False, validate=False)
+    run_prepare(convert=_convert(calls), options={"fix": False}, **kw)
+    calls.clear()
+    s = run_prepare(convert=_convert(calls), options={"fix": False}, late_notes=lambda: [f"converted {len(calls)}", ""], **kw)
+    assert sorted(calls) == ["c3"] and s.notes == ["converted 1"]  # same options: reused; empty note dropped
+    calls.clear()
+    s = run_prepare(convert=_convert(calls), options={"fix": True}, **kw)
+    assert len(calls) == 4 and s.reused == 0
+    assert any("options differ" in n for n in s.notes)

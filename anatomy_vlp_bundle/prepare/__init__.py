@@ -50,7 +50,8 @@ def prepare_command(source: str, input: str, output: str, **options) -> None:
     ``python -m anatomy_vlp_bundle prepare SOURCE --input DIR --output DIR [options]`` with SOURCE one
     of ``ctrate``, ``totalseg-masks``, ``imagenome``, ``iu-xray``, ``chexpert``, ``nih-cxr14``.
     Common options: ``--seed`` (patient split hash), ``--fractions 0.8,0.1,0.1``, ``--force``
-    (convert everything again instead of reusing finished cases), ``--no-validate``. Re-running
+    (convert everything again instead of reusing finished cases), ``--novalidate``,
+    ``--noprogress`` (python-fire's spelling of a false flag). Re-running
     reuses finished cases; skipped cases are tried again. Prints a summary and writes
     ``OUTPUT/prepare_summary.json``.
 

@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..data.datalist import SPLITS, write_datalist
 
@@ -46,6 +46,7 @@ __all__ = [
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 STATE_FILE = ".prepare_state.jsonl"
 SUMMARY_FILE = "prepare_summary.json"
+OPTIONS_FILE = ".prepare_options.json"
 #: Order in which conflicting source splits of one patient are resolved (the most held-out wins).
 _HELD_OUT_ORDER = ("test", "validation", "training")
 
@@ -243,6 +244,8 @@ def run_prepare(
     progress: bool = True,
     force: bool = False,
     notes: Sequence[str] = (),
+    late_notes: Callable[[], Iterable[str]] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> PrepareSummary:
     """Convert ``cases`` with ``convert`` into ``output/datalist.json`` (see the module docstring).
 
@@ -258,17 +261,34 @@ def run_prepare(
         validate: validate the written datalist (headers) and record the verdict.
         force: ignore the state of a previous run and convert everything again.
         notes: extra lines for the summary (e.g. label columns that map to nothing).
+        late_notes: called after the conversion for lines known only then (counts gathered while
+            converting, e.g. label names that map to nothing); empty lines are dropped.
+        options: the converter options that change what a record holds (e.g. ``fix_geometry``). They
+            are stored beside the state; when a re-run's options differ, finished cases are
+            converted again instead of being reused with the old options.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     state_path = output / STATE_FILE
     if force and state_path.exists():
         state_path.unlink()
+    options_path = output / OPTIONS_FILE
+    fingerprint = json.loads(json.dumps(dict(options or {}), sort_keys=True, default=str))
+    summary_notes = list(notes)
+    if state_path.exists() and options_path.exists():
+        try:
+            previous = json.loads(options_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous != fingerprint:
+            state_path.unlink()
+            summary_notes.append(f"options differ from the previous run in {output} ({previous} -> {fingerprint}): every case converted again")
+    options_path.write_text(json.dumps(fingerprint, sort_keys=True) + "\n", encoding="utf-8")
     done = _read_state(state_path)
     cases = list(cases)
     ids = Counter(c.id for c in cases)
     dups = sorted(i for i, n in ids.items() if n > 1)
-    summary = PrepareSummary(source=source, output=str(output), notes=list(notes))
+    summary = PrepareSummary(source=source, output=str(output), notes=summary_notes)
     if dups:
         summary.notes.append(f"{len(dups)} ids occur more than once in the source; only the first of each is used: {', '.join(dups[:10])}")
         seen: set[str] = set()
@@ -307,6 +327,8 @@ def run_prepare(
                 summary.written += 1
             bar.update(1)
 
+    if late_notes is not None:
+        summary.notes += [n for n in late_notes() if n]
     kept = [c for c in cases if c.id in records]
     split_of, summary.moved_patients = assign_splits(kept, fractions, seed, validation_from_training)
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
