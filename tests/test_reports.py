@@ -438,3 +438,107 @@ def test_writer_variety_and_determinism():
         write_report(cat, {"livr": {"steatosis": 1}}, rng)
     with pytest.raises(ValueError, match="'nodule' is not a finding of 'liver'"):
         write_report(cat, {"liver": {"nodule": 1}}, rng)
+
+
+# ----------------------------------------------------------------------------- real radiology language
+# Sentences as they are written in MIMIC-CXR / IU X-ray and CT-RATE reports (see also
+# tests/fixtures/reports and tests/test_parser_agreement.py for whole reports).
+@pytest.mark.parametrize(
+    "catalog, sentence, anatomy, finding, value",
+    [
+        # negation: no, without, free of, negative for, not seen / observed / well visualized
+        (CXR, "There is no focal consolidation, pleural effusion or pneumothorax.", "left lung", "pneumothorax", ABSENT),
+        (CXR, "There is no focal consolidation, pleural effusion or pneumothorax.", "right lower lung zone", "consolidation", ABSENT),
+        (CXR, "The lungs are clear without focal consolidation, effusion, or pneumothorax.", "right lung", "pleural effusion", ABSENT),
+        (CXR, "The lungs are free of focal airspace disease.", "left lung", "lung opacity", ABSENT),
+        (CT, "The gallbladder is free of gallstones.", "gallbladder", "gallstone", ABSENT),
+        (CT, "Pericardial effusion-thickening was not observed.", "heart", "pericardial effusion", ABSENT),
+        (CT, "Pleural effusion-thickening was not detected.", "lung", "pleural effusion", ABSENT),
+        (CXR, "Pulmonary nodule in the left upper lobe seen on prior CT is not well visualized.", "left upper lung zone", "nodule", ABSENT),
+        (CXR, "The previously seen right pleural effusion has resolved.", "right lung", "pleural effusion", ABSENT),
+        (CXR, "Small left apical pneumothorax is no longer seen.", "left apical zone", "pneumothorax", ABSENT),
+        (CXR, "Neither pleural effusion nor pulmonary edema is present.", "right lung", "edema", ABSENT),
+        # uncertainty: cannot exclude, may represent, is not excluded, possible, likely, versus, X/Y, and/or
+        (CXR, "Cannot exclude early pneumonia in the right lower lobe.", "right lower lung zone", "pneumonia", UNCERTAIN),
+        (CXR, "Left lower lobe opacity may represent atelectasis.", "left lower lung zone", "atelectasis", UNCERTAIN),
+        (CXR, "Left lower lobe opacity may represent atelectasis.", "left lower lung zone", "lung opacity", PRESENT),
+        (CXR, "Left lower lobe opacity, infection is not excluded.", "left lower lung zone", "pneumonia", UNCERTAIN),
+        (CXR, "Possible small left pleural effusion.", "left lung", "pleural effusion", UNCERTAIN),
+        (CXR, "Bibasilar opacities likely reflect atelectasis.", "right lower lung zone", "atelectasis", UNCERTAIN),
+        (CXR, "Left retrocardiac opacity in the left lower lobe, atelectasis versus pneumonia.", "left lower lung zone", "pneumonia", UNCERTAIN),
+        (CT, "Bilateral pleural effusions with adjacent lower lobe consolidation/atelectasis.", "lung", "atelectasis", UNCERTAIN),
+        (CT, "Bilateral pleural effusions with adjacent lower lobe consolidation/atelectasis.", "lung", "pleural effusion", PRESENT),
+        (CXR, "Dense opacity in the left lower lobe, atelectasis and/or effusion.", "left lower lung zone", "pleural effusion", UNCERTAIN),
+        (CT, "No consolidation/atelectasis in the lung parenchyma.", "lung", "atelectasis", ABSENT),
+        # adjectives of findings
+        (CXR, "The aorta is tortuous and calcified.", "aortic arch", "calcification", PRESENT),
+        (CT, "Calcified atherosclerotic plaques are observed in the aortic arch.", "aorta", "arterial wall calcification", PRESENT),
+        (CT, "Minimal atelectatic changes are observed in both lower lobes.", "lung", "atelectasis", PRESENT),
+        (CT, "Paraseptal emphysematous changes are observed in both lungs.", "lung", "emphysema", PRESENT),
+        (CT, "Parenchymal fibrotic sequelae are seen in the right lung.", "lung", "pulmonary fibrotic sequela", PRESENT),
+        # fragments of an anatomy's findings, generic lesions
+        (CT, "There is circumferential wall thickening of the sigmoid colon.", "colon", "colonic wall thickening", PRESENT),
+        (CT, "Thoracic esophagus calibration was normal and no significant tumoral wall thickening was detected.",
+         "esophagus", "esophageal wall thickening", ABSENT),
+        (CXR, "There is mild elevation of the left hemidiaphragm.", "left hemidiaphragm", "elevated hemidiaphragm", PRESENT),
+        (CT, "No space-occupying lesion was detected in the liver that entered the cross-sectional area.", "liver", "hypodense lesion", ABSENT),
+        (CT, "No focal liver lesion.", "liver", "hypodense lesion", ABSENT),
+        # a side word before a finding without an anatomy
+        (CXR, "There is a moderate right pneumothorax with slight leftward shift of the mediastinum.", "right lung", "pneumothorax", PRESENT),
+        (CT, "Moderate right hydronephrosis.", "right kidney", "hydronephrosis", PRESENT),
+        # the part belongs to the anatomy after "of"
+        (CT, "A hypodense nodule of 15 mm is observed in the right lobe of the thyroid gland.", "thyroid gland", "thyroid nodule", PRESENT),
+        # bilateral findings without an anatomy go to both sides of the widest owner
+        (CXR, "There are diffuse bilateral airspace opacities.", "left lung", "lung opacity", PRESENT),
+    ],
+)
+def test_real_report_language(catalog, sentence, anatomy, finding, value):
+    assert findings_of(sentence, catalog).get(anatomy, {}).get(finding) == value
+
+
+def test_negation_does_not_leak_into_other_findings_or_sides():
+    f = findings_of("No left pneumothorax. Right basilar atelectasis.", CXR)
+    assert f["left lung"] == {"pneumothorax": ABSENT} and "right lung" not in f  # the side's widest owner only
+    assert findings_of("No lytic-destructive lesion was detected in bone structures.", CT) == {}  # not any lesion
+    f = findings_of("A hypodense nodule is observed in the right lobe of the thyroid gland.", CT)
+    assert "lung" not in f  # "lobe" is the thyroid's here
+    f = findings_of("Right pneumothorax. No left hydronephrosis.", CT)
+    assert f == {"left kidney": {"hydronephrosis": ABSENT}}
+
+
+@pytest.mark.parametrize("statement", ["No acute cardiopulmonary process.", "no acute cardiopulmonary process.",
+                                       "Negative chest radiograph.", "No evidence of acute cardiopulmonary disease.",
+                                       "No acute findings in the chest."])
+def test_normal_study_phrases(statement):
+    parsed = parse_report(f"FINDINGS: The lungs are clear. IMPRESSION: {statement}", CXR)
+    assert parsed.study_findings == {"support devices": ABSENT, "no finding": PRESENT}
+    assert parsed.findings()["svc"] == {"central venous line": ABSENT, "enlarged svc": ABSENT}
+    parsed = parse_report("Findings: Trachea and both main bronchi are open.\nImpression: Findings within normal limits.", CT)
+    assert parsed.study_findings == {"lymphadenopathy": ABSENT, "medical material": ABSENT, "ascites": ABSENT}
+
+
+def test_ct_rate_normal_phrases_and_groups():
+    cat = load_catalog(CT)
+    f = findings_of("Trachea and both main bronchi are open.")
+    assert f == {"trachea": {"tracheal stenosis": ABSENT, "secretions": ABSENT}}  # the bronchi are a part of the lung
+    f = findings_of("Bone structures in the study area are natural.")
+    assert f == {"vertebrae": {x: ABSENT for x in cat.anatomy("vertebrae").findings}}
+    f = findings_of("Upper abdominal organs included in the sections are normal.")
+    assert set(f) == {"liver", "gallbladder", "spleen", "pancreas", "right kidney", "left kidney", "adrenal glands", "stomach"}
+    assert all(set(v.values()) == {ABSENT} and len(v) == len(cat.anatomy(a).findings) for a, v in f.items())
+    # the size word speaks of the heart; the vessels (the aorta) are normal in full
+    f = findings_of("Mediastinal main vascular structures, heart contour, size are normal.")
+    assert f == {"heart": {"cardiomegaly": ABSENT}, "aorta": {"arterial wall calcification": ABSENT, "aortic aneurysm": ABSENT}}
+    assert findings_of("Liver and spleen sizes are normal.") == {"liver": {"hepatomegaly": ABSENT}, "spleen": {"splenomegaly": ABSENT}}
+    assert findings_of("Thoracic esophagus calibration was normal.") == {}  # no size finding of the esophagus
+    # one side of a single "lung" anatomy being clear says nothing of the lung as a whole
+    f = findings_of("Right pleural effusion is present. The left lung is clear.")
+    assert f == {"lung": {"pleural effusion": PRESENT}}
+    f = findings_of("The costophrenic angles are sharp.", CXR)
+    assert f["right costophrenic angle"] == {"pleural effusion": ABSENT, "blunted costophrenic angle": ABSENT}
+
+
+def test_no_finding_is_zero_for_a_finding_no_anatomy_can_take():
+    parsed = parse_report("Multiple old healed left rib fractures. No acute cardiopulmonary process.", CXR)
+    assert parsed.study_findings["no finding"] == ABSENT
+    assert parse_report("No acute cardiopulmonary process.", CXR).study_findings["no finding"] == PRESENT

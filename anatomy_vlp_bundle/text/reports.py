@@ -8,22 +8,35 @@ sections into sentences, and every sentence is matched against the catalog:
   over ``"lobe"``); a form listed by several anatomies belongs to all of them. For anatomies named
   ``right X`` / ``left X`` the unsided rest (``"lungs"``, ``"kidneys"``, ``"costophrenic angles"``)
   means both sides when plural or after a bilateral cue (``"bilateral"``, ``"both"``,
-  ``"bibasilar"``).
-* **Findings** by the catalog's finding names and ``finding_synonyms`` (plurals included). A finding
+  ``"bibasilar"``). Group words name several anatomies (``"upper abdominal organs"``, ``"bone
+  structures"``, ``"mediastinal main vascular structures"``); in ``"the right lobe of the thyroid
+  gland"`` the part (``"lobe"``) belongs to the anatomy after ``of``.
+* **Findings** by the catalog's finding names and ``finding_synonyms`` (plurals and adjectives
+  included: ``"calcified"``, ``"emphysematous"``, ``"atelectatic"``). Fragments of an anatomy's
+  findings count when that anatomy is named (``"wall thickening of the sigmoid colon"``,
+  ``"elevation of the left hemidiaphragm"``), and an absent generic lesion (``"no focal liver
+  lesion"``, ``"no space-occupying lesion ... in the liver"``) makes that anatomy's lesions absent. A finding
   goes to the anatomies named in the same clause that own it; a finding no named anatomy owns goes
   to the study findings when it is one. A clause that names no anatomy: the finding goes to the
   anatomies named elsewhere in the sentence that own it (``"opacity in the right lung but no
   effusion"``); else an *absent* finding is absent in every anatomy that owns it (``"No
   pneumothorax."``) and a present or uncertain one goes to its only owner (``"Cardiomegaly."``),
-  else stays unknown.
+  or with a bilateral cue to both sides of its widest owner (``"bilateral airspace opacities"``:
+  right and left lung), else stays unknown. A side word right before a finding that no named
+  anatomy owns puts it on that side's widest owner (``"moderate right pneumothorax"``: right lung;
+  ``"no left hydronephrosis"``: left kidney only).
 * **Polarity** (NegEx-style): the nearest negation or uncertainty cue in scope decides -- pre-cues
   (``no``, ``without``, ``free of``, ``negative for``, ``possible``, ``cannot exclude``...) act
   forwards, post-cues (``is not seen``, ``has resolved``, ``cannot be excluded``...) backwards,
   within the clause and up to a terminator (``but``, ``however``, ``there is``...). ``"No X or Y"``
-  negates both, ``"X without Y"`` negates Y only.
-* **Normal statements**: ``"The liver is normal / unremarkable / clear"`` sets all of that anatomy's
-  findings to 0 (``"normal in size"`` only its size findings); a whole-study statement (``"no acute
-  abnormality"``, ``"no acute cardiopulmonary process"``, ``"normal study"``) sets every finding of
+  negates both, ``"X without Y"`` negates Y only; ``"X/Y"`` and ``"X and/or Y"`` make both uncertain.
+* **Normal statements**: ``"The liver is normal / unremarkable / clear"`` (also ``patent``, ``is
+  open``, ``is natural``, ``are sharp``) sets all of that anatomy's findings to 0 (``"normal in
+  size"``, ``"heart contour, size are normal"`` only its size findings); a statement about a part
+  or one side of an anatomy (``"both main bronchi are open"`` for the lung, ``"the left lung is
+  clear"`` where the catalog has one lung) sets nothing. A whole-study statement (``"no acute
+  abnormality"``, ``"no acute cardiopulmonary process"``, ``"normal study"``, ``"negative chest
+  radiograph"``, ``"findings within normal limits"``) sets every finding of
   every anatomy and every study finding to 0. Findings the report states explicitly keep their
   stated value. When a finding is stated several times the strongest statement wins: present over
   uncertain over absent.
@@ -33,7 +46,8 @@ CheXpert labeller does (``uncertain_as=1`` in :class:`ParseReportd` turns them p
 ``consistent with`` / ``compatible with`` -> present; ``no definite`` / ``no new`` -> absent;
 ``no change in X`` / ``unchanged X`` -> present. A finding never mentioned is absent from the output
 (unknown), never 0. Study findings named like ``"no finding"`` are derived, not read: 0 when any
-non-device finding is present, 1 when the study is called normal and nothing is present.
+non-device finding is present (also one no catalog anatomy can take: ``"old left rib fractures"``),
+1 when the study is called normal and nothing is present.
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -198,13 +212,34 @@ def split_sentences(text: str) -> list[str]:
 _IRREGULAR_PLURALS = {
     "apex": "apices", "hilum": "hila", "vertebra": "vertebrae", "calculus": "calculi", "atrium": "atria",
     "bronchus": "bronchi", "diverticulum": "diverticula", "pleura": "pleurae", "lymph node": "lymph nodes",
+    "sequela": "sequelae",
 }
+# adjectives derived from finding nouns: "calcified" aorta, "emphysematous" and "atelectatic" changes
+_DERIVED_ENDINGS = (("ification", "ified"), ("asis", "atic"), ("osis", "otic"), ("ema", "ematous"))
+# words naming several catalog anatomies at once ("Upper abdominal organs included in the sections
+# are normal."); each group means the listed anatomies the catalog has
+_ANATOMY_GROUPS = {
+    ("upper abdominal organs", "upper abdominal organ", "upper abdominal sections", "upper abdominal structures",
+     "upper abdomen"):
+        ("liver", "gallbladder", "spleen", "pancreas", "right kidney", "left kidney", "adrenal glands", "stomach"),
+    ("bone structures", "bony structures", "osseous structures", "skeletal structures"):
+        ("vertebrae", "spine", "right clavicle", "left clavicle"),
+    ("mediastinal main vascular structures", "mediastinal major vascular structures", "main vascular structures",
+     "major vascular structures", "great vessels"):
+        ("aorta", "aortic arch"),
+}
+# words that name a part of an organ: "the main bronchi are open" says nothing of the whole lung
+_PART_WORDS = frozenset({"lobe", "lobes", "segment", "segments", "bronchi", "bronchus", "bronchial", "airway", "airways",
+                         "pleura", "pleurae", "pleural"})
 _BILATERAL_CUE_RE = re.compile(r"(?<![a-z0-9])(?:bilateral|bilaterally|both|right and left|left and right)(?![a-z0-9])")
 _IS_ADVERBS = r"(?:mildly|moderately|markedly|slightly|severely|massively|minimally|again|still|diffusely)"
 
 
 def _lower(s: str) -> str:
     """Lower-case keeping the length (so match offsets index the original sentence)."""
+    low = s.lower()
+    if len(low) == len(s):  # lower-casing only ever lengthens: same length, same offsets
+        return low
     return "".join(c.lower() if len(c.lower()) == 1 else c for c in s)
 
 
@@ -228,6 +263,13 @@ def _plural_variants(form: str) -> set[str]:
         out.add(" ".join(words[:-1] + [last + "s"]))
     out.discard(form)
     return out
+
+
+def _derived_adjectives(form: str) -> set[str]:
+    """``"calcification"`` -> ``{"calcified"}``, ``"atelectasis"`` -> ``{"atelectatic"}`` (single words only)."""
+    if " " in form:
+        return set()
+    return {form[: -len(noun)] + adj for noun, adj in _DERIVED_ENDINGS if form.endswith(noun) and len(form) > len(noun) + 2}
 
 
 def _form_regex(forms: Iterable[str]) -> re.Pattern:
@@ -265,6 +307,7 @@ class _Span:
     rows: frozenset = frozenset()  # anatomy rows (anatomy) or finding names (finding)
     negated: bool = False  # finding written as "X is not Y"
     priority: int = 0
+    partial: bool = False  # anatomy named by a part or one side of it ("bronchi", "left lung" for "lung")
 
 
 def _select_longest(cands: list[_Span]) -> list[_Span]:
@@ -289,7 +332,11 @@ _NEG_POST = (
     "not visualised", "not appreciated", "not detected", "not evident", "not demonstrated", "is absent",
     "are absent", "absent", "has resolved", "have resolved", "resolved", "no longer seen", "no longer present",
     "no longer visible", "no longer visualized", "has cleared", "have cleared", "ruled out", "is excluded",
-    "are excluded", "has been removed", "have been removed", "removed",
+    "are excluded", "has been removed", "have been removed", "removed", "not observed", "not noted", "not found",
+    "not visible", "not shown", "not depicted",
+) + tuple(  # "is not well visualized", "was not clearly seen"
+    f"not {adverb} {verb}" for adverb in ("well", "clearly", "definitely", "convincingly", "reliably")
+    for verb in ("seen", "visualized", "visualised", "identified", "demonstrated", "appreciated", "visible", "observed")
 )
 _UNC_PRE = (
     "possible", "possibly", "probable", "probably", "likely", "most likely", "questionable", "question of",
@@ -321,6 +368,9 @@ _TERMINATORS = (
     "there is", "there are", "there has been", "there have been", "there was", "there were", ", and",
     "which is", "consistent with", "compatible with", "otherwise",
 )
+_GENERIC_LESION_RE = re.compile(
+    r"(?<![a-z0-9])(?:space[\s\-]+occupying|focal)(?:[\s\-]+(?P<middle>[a-z]+))?[\s\-]+lesions?(?![a-z0-9])")
+_ALTERNATIVE_RE = re.compile(r"\s*(?:/|and\s*/\s*or)\s*")
 # clause boundaries (end every scope, anatomy assignment is per clause)
 _STRONG_SPLIT_RE = re.compile(
     r";|(?<![a-z0-9])(?:but|however|whereas|while|although|though|except(?: for)?|with the exception of|"
@@ -331,11 +381,13 @@ _SOFT_SPLIT_RE = re.compile(r",\s*and\s|,\s*|\s+and\s+|\s+with\s+|\s+as well as\
 
 _NORMAL_RE = re.compile(
     r"(?<![a-z0-9])(?:normal(?![\s\-]+(?:position|location|placement|course|positioning))|unremarkable|within normal limits|clear(?![\s\-]+of)|"
-    r"no (?:significant |focal |acute |gross )?(?:abnormality|abnormalities|abnormal findings))(?![a-z0-9])"
+    r"no (?:significant |focal |acute |gross )?(?:abnormality|abnormalities|abnormal findings)|patent|"
+    # "Trachea and both main bronchi are open.", "Bone structures are natural." (CT-RATE), "angles are sharp"
+    r"(?:is|are|was|were)[\s\-]+(?:open|natural|sharp))(?![a-z0-9])"
 )
 # "not normal", "abnormal", "upper limits of normal" are no normal statements
 _NOT_NORMAL_RE = re.compile(r"(?:\bnot|ab|limits? of|limit of)\s*$")
-_SIZE_QUALIFIER_RE = re.compile(r"(?<![a-z0-9])(?:size|sized|caliber|calibre|dimensions)(?![a-z0-9])")
+_SIZE_QUALIFIER_RE = re.compile(r"(?<![a-z0-9])(?:size|sizes|sized|caliber|calibre|calibration|diameter|dimensions)(?![a-z0-9])")
 _SIZE_FINDING_RE = re.compile(r"megaly|enlarg|dilat|distension|distention|widen|aneurysm|atroph|ectasia")
 _STUDY_NORMAL_RE = re.compile(
     r"(?<![a-z0-9])(?:"
@@ -346,7 +398,8 @@ _STUDY_NORMAL_RE = re.compile(
     r"|normal\s+(?:study|exam|examination|chest|radiograph|chest\s+radiograph|chest\s+x[\s\-]?ray|"
     r"chest\s+film|ct|ct\s+scan|scan|findings|ct\s+(?:of\s+the\s+)?(?:chest|abdomen)[a-z ]*)"
     r"|unremarkable\s+(?:study|exam|examination|chest\s+radiograph|radiograph|ct|ct\s+scan|scan)"
-    r"|(?:study|exam|examination|radiograph|scan)\s+(?:is\s+)?(?:normal|unremarkable|negative|within\s+normal\s+limits)"
+    r"|(?:study|exam|examination|radiograph|scan|findings)\s+(?:is\s+|are\s+)?(?:normal|unremarkable|negative|within\s+normal\s+limits)"
+    r"|negative\s+(?:chest\s+)?(?:study|exam|examination|radiograph|x[\s\-]?ray|film|ct|ct\s+scan|scan)"
     r")(?![a-z0-9])"
 )
 
@@ -386,6 +439,7 @@ class _SentenceAnalysis:
     finding_spans: list[_Span] = field(default_factory=list)
     triggers: list[_Span] = field(default_factory=list)
     polarity: dict[tuple[int, int], int] = field(default_factory=dict)  # finding span (start, end) -> value
+    unplaced: set[str] = field(default_factory=set)  # present findings no catalog anatomy could take ("rib fractures")
 
     def labels(self) -> dict[tuple[int | None, str], int]:
         out: dict[tuple[int | None, str], int] = {}
@@ -492,9 +546,15 @@ class ReportParser:
         self.anat_exact = {k: frozenset(v) for k, v in exact.items()}
         self.anat_always = {k: frozenset(v) for k, v in always.items()}
         self.anat_cue = {k: frozenset(v) for k, v in cue_only.items() if k not in always}
+        self.anat_group = {}
+        for group_forms, members in _ANATOMY_GROUPS.items():
+            rows = frozenset(self.names.index(n) for n in members if n in self.names)
+            if rows:
+                self.anat_group.update({_norm(f): rows for f in group_forms if _norm(f) not in exact})
         self._anat_exact_re = _form_regex(self.anat_exact)
         self._anat_always_re = _form_regex(self.anat_always)
         self._anat_cue_re = _form_regex(self.anat_cue)
+        self._anat_group_re = _form_regex(self.anat_group)
 
         # finding forms
         forms: dict[str, set[str]] = {}
@@ -505,23 +565,37 @@ class ReportParser:
             for p in catalog.phrasings(f):
                 forms.setdefault(_norm(p), set()).add(f)
         for form, fs in list(forms.items()):
-            for p in _plural_variants(form):
+            for p in _plural_variants(form) | _derived_adjectives(form):
                 if p not in forms:
                     forms.setdefault(p, set()).update(fs)
         self.finding_forms = {k: frozenset(v) for k, v in forms.items()}
         self._finding_re = _form_regex(self.finding_forms)
-        # anatomy -> last word(s) -> its findings ending so ("aortic calcification" -> arterial wall calcification)
-        self._suffix: list[dict[str, list[str]]] = []
+        # anatomy -> fragment -> its findings with that fragment: the last word(s) ("aortic calcification"
+        # -> arterial wall calcification, "wall thickening of the sigmoid colon" -> colonic wall thickening)
+        # and the head of "X of the Y" phrasings ("elevation of the left hemidiaphragm")
+        self._fragments: list[dict[str, list[str]]] = []
         for a in catalog.anatomies:
             d: dict[str, list[str]] = {}
             for f in a.findings:
                 for p in catalog.phrasings(f):
                     words = _norm(p).split(" ")
-                    for k in range(1, len(words)):
-                        d.setdefault(" ".join(words[k:]), [])
-                        if f not in d[" ".join(words[k:])]:
-                            d[" ".join(words[k:])].append(f)
-            self._suffix.append(d)
+                    fragments = [" ".join(words[k:]) for k in range(1, len(words))]
+                    if "of" in words[1:]:
+                        fragments.append(" ".join(words[: words.index("of", 1)]))
+                    for frag in fragments:
+                        if f not in d.setdefault(frag, []):
+                            d[frag].append(f)
+            self._fragments.append(d)
+        # fragments that are no finding by themselves count only with an anatomy that owns them; single
+        # words only as "X of the" heads ("thickening" alone is too vague, "wall thickening" is not)
+        weak = {frag for d in self._fragments for frag in d if frag not in self.finding_forms and
+                (" " in frag or any(_norm(p).startswith(frag + " of ") for fs in d[frag] for p in catalog.phrasings(fs)))}
+        weak |= {p for frag in weak if not re.search(r"\b(?:is|are)\b", frag) for p in _plural_variants(frag)} - set(self.finding_forms)
+        anatomy_forms = set(self.anat_exact) | set(self.anat_always) | set(self.anat_cue) | set(self.anat_group)
+        weak = {w for w in weak if not any(re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", a) or
+                                           re.search(rf"(?<![a-z]){re.escape(a)}(?![a-z])", w) for a in anatomy_forms)}
+        self._weak_forms = {k: frozenset() for k in weak}
+        self._weak_re = _form_regex(self._weak_forms)
 
     # ---------------------------------------------------------------- matching
     def _spans(self, pattern: re.Pattern, low: str, table: Mapping[str, frozenset], kind: str, priority: int) -> list[_Span]:
@@ -548,10 +622,39 @@ class ReportParser:
                     if ";" not in gap and len(gap.split()) <= 4:
                         cands.append(s)
                         break
-        return _select_longest(cands)
+        cands += self._spans(self._anat_group_re, low, self.anat_group, "anatomy", 1)
+        spans = _select_longest(cands)
+        # "the right lobe of the thyroid gland": the part ("lobe", a lung form) belongs to what follows
+        spans = [a for a, b in zip(spans, spans[1:] + [None])
+                 if b is None or a.rows == b.rows or not re.fullmatch(r"\s+of\s+(?:the\s+)?", low[a.end : b.start])]
+        return [replace(a, partial=self._is_partial(a, low)) for a in spans]
 
-    def finding_mentions(self, sentence: str) -> list[_Span]:
-        return _select_longest(self._spans(self._finding_re, _lower(sentence), self.finding_forms, "finding", 0))
+    def _is_partial(self, span: _Span, low: str) -> bool:
+        """An anatomy named by one of its parts ("main bronchi" for the lung) or by one side of it
+        ("left lung" for a catalog's single "lung"): its normal statements are not the anatomy's."""
+        names = [_norm(self.names[r]) for r in span.rows]
+        last = span.key.split(" ")[-1]
+        if last in _PART_WORDS and not any(last in n.split(" ") for n in names):
+            return True
+        sided = re.search(r"(?:right|left)[\s\-]+$", low[max(0, span.start - 7) : span.start])
+        return bool(sided) and not re.match(r"(?:right|left) ", span.key) and not any(re.match(r"(?:right|left) ", n) for n in names)
+
+    def finding_mentions(self, sentence: str, anatomy_spans: list[_Span] | None = None) -> list[_Span]:
+        """Finding mentions (longest match wins). Mentions that name no finding by themselves have no
+        ``rows``: a fragment of a finding of the anatomy they are said of ("wall thickening"), or a
+        generic lesion ("no focal liver lesion", "no space-occupying lesion") that, said absent, makes
+        every "... lesion" finding of that anatomy absent (``anatomy_spans``: the sentence's anatomy
+        mentions, when already known)."""
+        low = _lower(sentence)
+        cands = self._spans(self._finding_re, low, self.finding_forms, "finding", 1)
+        cands += self._spans(self._weak_re, low, self._weak_forms, "finding", 0)
+        anat = self.anatomy_mentions(sentence) if anatomy_spans is None else anatomy_spans
+        for m in _GENERIC_LESION_RE.finditer(low):
+            middle = m.group("middle")
+            if middle and not any(a.start <= m.start("middle") and m.end("middle") <= a.end for a in anat):
+                continue  # "focal lytic lesion" is a kind of lesion, not any lesion
+            cands.append(_Span(m.start(), m.end(), "lesion", "generic"))
+        return _select_longest(cands)
 
     def _triggers(self, low: str, blocked: list[_Span]) -> list[_Span]:
         cands = []
@@ -631,7 +734,7 @@ class ReportParser:
         low = _lower(sentence)
         res = _SentenceAnalysis(text=sentence)
         anat = self.anatomy_mentions(sentence)
-        find = self.finding_mentions(sentence)
+        find = self.finding_mentions(sentence, anat)
         triggers = self._triggers(low, anat + find)
         normal_spans = []
         for m in _NORMAL_RE.finditer(low):
@@ -669,32 +772,40 @@ class ReportParser:
             # an anatomy named only inside a finding ("pericardial effusion") counts when nothing else is named
             explicit = [s for s in c_anat if not any(f.start <= s.start and s.end <= f.end for f in find)]
             rows: set[int] = set()
+            normal_spans_of: list[_Span] = []  # anatomies a normal statement of the clause is about
             for s in explicit or c_anat:
                 rows |= s.rows
+                if not s.partial:
+                    normal_spans_of.append(s)
+            normal_rows = {r for s in normal_spans_of for r in s.rows}
             if forced_anatomy is not None:
-                rows = {forced_anatomy}
+                rows = normal_rows = {forced_anatomy}
             c_find = [s for s in find if c0 <= s.start and s.end <= c1]
             c_text = low[c0:c1]
             # normal statements
             c_normal = [n for n in normal_spans if c0 <= n[0] and n[1] <= c1]
             if c_normal and not any(t.key == "not" and c0 <= t.start < c_normal[0][0]
                                     and c_normal[0][0] - t.end < 3 for t in triggers):
-                size_only = bool(_SIZE_QUALIFIER_RE.search(c_text))
-                if rows:
-                    for r in rows:
-                        res.normal[r] = self.size_findings[r] if size_only else None
+                size_rows = self._size_only_rows(low, c0, c1, c_normal[0][0], normal_spans_of, normal_rows)
+                for r in normal_rows:
+                    res.normal[r] = self.size_findings[r] if r in size_rows else None
             if not rows and forced_anatomy is None and _STUDY_NORMAL_RE.search(c_text):
                 res.study_normal = True
             elif rows and _STUDY_NORMAL_RE.search(c_text) and not c_find:
-                for r in rows:
+                for r in normal_rows:
                     res.normal.setdefault(r, None)
             # findings: the anatomies named in the clause; else the one a finding names itself
             # ("No pericardial effusion or emphysema": the heart is the first finding's anatomy only)
             explicit_rows: set[int] = set()
             for s in explicit:
                 explicit_rows |= s.rows
+            bilateral = bool(_BILATERAL_CUE_RE.search(c_text))
             for s in c_find:
                 value = self._polarity(s, c0, c1, triggers)
+                # "consolidation/atelectasis", "atelectasis and/or effusion": either one, neither certain
+                if value == PRESENT and any(_ALTERNATIVE_RE.fullmatch(low[o.end : s.start] if o.end <= s.start else low[s.end : o.start])
+                                            for o in c_find if o is not s):
+                    value = UNCERTAIN
                 res.polarity[(s.start, s.end)] = value
                 if forced_anatomy is not None:
                     f_rows = {forced_anatomy}
@@ -705,16 +816,55 @@ class ReportParser:
                     for a in c_anat:
                         if s.start <= a.start and a.end <= s.end:
                             f_rows |= a.rows
-                res.claims.extend(self._assign(s, value, f_rows, local_rows, forced_anatomy is not None))
+                # "moderate right pneumothorax", "no left hydronephrosis": the side's widest owner
+                side = re.search(r"(?<![a-z])(right|left)[\s\-]+$", low[max(0, s.start - 7) : s.start])
+                if side and forced_anatomy is None and not any(self.owned[r] & s.rows for r in f_rows):
+                    f_rows = {r for f in s.rows for r in self._widest_owner(f, side.group(1))}
+                claims = self._assign(s, value, f_rows, local_rows, forced_anatomy is not None, bilateral)
+                if not claims and value == PRESENT:
+                    res.unplaced |= set(s.rows)
+                res.claims.extend(claims)
         return res
 
-    def _assign(self, span: _Span, value: int, rows: set[int], sentence_rows: set[int], forced: bool) -> list[_Claim]:
+    @staticmethod
+    def _size_only_rows(low: str, c0: int, c1: int, normal_at: int, spans: list[_Span], rows: set[int]) -> set[int]:
+        """Rows a clause's normal statement speaks of in size only. After the normal word ("normal in
+        size") a size word qualifies every subject; before it, the anatomy it follows ("Mediastinal
+        main vascular structures, heart contour, size are normal": the heart's size, the vessels) and
+        the anatomies listed with that one ("Liver and spleen sizes are normal")."""
+        out: set[int] = set()
+        for m in _SIZE_QUALIFIER_RE.finditer(low, c0, c1):
+            if m.start() >= normal_at:
+                return set(rows)
+            before = sorted((s for s in spans if s.start <= m.start() and len(low[s.end : m.start()].split()) <= 2),
+                            key=lambda s: s.start)
+            if not before:
+                out |= rows
+                continue
+            out |= before[-1].rows & rows
+            if not low[before[-1].end : m.start()].strip():  # "liver and spleen sizes": the whole list
+                chain = [s for s in spans if s.end <= before[-1].start]
+                last = before[-1]
+                for prev in sorted(chain, key=lambda s: -s.start):
+                    if not re.fullmatch(r"\s*(?:,|and|,\s*and)\s*", low[prev.end : last.start]):
+                        break
+                    out |= prev.rows & rows
+                    last = prev
+        return out
+
+    def _assign(self, span: _Span, value: int, rows: set[int], sentence_rows: set[int], forced: bool,
+                bilateral: bool = False) -> list[_Claim]:
         fset = span.rows
+        if span.kind == "generic":
+            if value != ABSENT:
+                return []
+            return [_Claim(r, f, value) for r in sorted(rows) for f in self.owned[r] if f.endswith(span.key)]
         if rows:
             claims = [_Claim(r, f, value) for r in sorted(rows) for f in sorted(fset) if f in self.owned[r]]
             if not claims:
                 for r in sorted(rows):
-                    cands = self._suffix[r].get(span.key, [])
+                    # by the words written, else by the finding they name ("calcified" -> calcification)
+                    cands = self._fragments[r].get(span.key) or sorted({c for f in fset for c in self._fragments[r].get(f, [])})
                     if len(cands) == 1:
                         claims.append(_Claim(r, cands[0], value))
             if claims:
@@ -737,7 +887,25 @@ class ReportParser:
         if len(owners) == 1:
             r, f = owners.pop()
             return [_Claim(r, f, value)]
+        if bilateral:  # "diffuse bilateral airspace opacities": both sides of the widest owner
+            return [_Claim(r, f, value) for f in sorted(fset) for r in self._widest_pair(f)]
         return []
+
+    def _widest_owner(self, finding: str, side: str) -> tuple[int, ...]:
+        """The owner ``<side> X`` of a finding with the shortest X, or () when none is sided so."""
+        owners = [r for r in self.owners.get(finding, ()) if _norm(self.names[r]).startswith(side + " ")]
+        return (min(owners, key=lambda r: len(self.names[r])),) if owners else ()
+
+    def _widest_pair(self, finding: str) -> tuple[int, ...]:
+        """The owners ``right X`` and ``left X`` of a finding with the shortest X (``right lung`` before
+        ``right lower lung zone``), or () when no such pair owns it."""
+        sides: dict[str, dict[str, int]] = {}
+        for r in self.owners.get(finding, ()):
+            m = re.match(r"(right|left) (.+)$", _norm(self.names[r]))
+            if m:
+                sides.setdefault(m.group(2), {})[m.group(1)] = r
+        pairs = sorted((len(rest), rest) for rest, d in sides.items() if len(d) == 2)
+        return tuple(sorted(sides[pairs[0][1]].values())) if pairs else ()
 
     # ---------------------------------------------------------------- whole report
     def parse(self, text: str) -> ParsedReport:
@@ -757,7 +925,7 @@ class ReportParser:
         M = len(self.names)
         explicit: dict[tuple[int | None, str], int] = {}
         normal: dict[int, frozenset[str] | None] = {}
-        study_normal = False
+        study_normal = unplaced_present = False
         sentences: list[list[str]] = [[] for _ in range(M)]
         for text, res in items:
             for key, v in res.labels().items():
@@ -768,12 +936,13 @@ class ReportParser:
                 else:
                     normal[r] = (normal.get(r) or frozenset()) | (subset or frozenset()) if subset is not None else None
             study_normal |= res.study_normal
+            unplaced_present |= any(not _DEVICE_RE.search(f) for f in res.unplaced)
             about = set(res.mentioned) | {c.anatomy for c in res.claims if c.anatomy is not None} | set(res.normal)
             for r in sorted(about):
                 if text not in sentences[r]:
                     sentences[r].append(text)
         out = ParsedReport()
-        any_present = any(v == PRESENT and not _DEVICE_RE.search(f) for (_, f), v in explicit.items())
+        any_present = unplaced_present or any(v == PRESENT and not _DEVICE_RE.search(f) for (_, f), v in explicit.items())
         for r, a in enumerate(self.catalog.anatomies):
             fd: dict[str, int] = {}
             for f in a.findings:
