@@ -14,12 +14,28 @@ from typing import Any
 
 from .catalog import Catalog, load_catalog
 
-__all__ = ["Datalist", "DatalistError", "load_datalist", "write_datalist", "SPLITS", "PATH_FIELDS", "resolve_record"]
+__all__ = [
+    "Datalist",
+    "DatalistError",
+    "load_datalist",
+    "read_datalist_json",
+    "write_datalist",
+    "SPLITS",
+    "PATH_FIELDS",
+    "resolve_record",
+]
 
 SPLITS = ("training", "validation", "test")
 #: Record fields that hold a path (relative to the datalist's folder) or a dict of paths.
 PATH_FIELDS = ("image", "anatomy_mask")
 PATH_DICT_FIELDS = ("anatomy_masks",)
+#: Byte-order marks of encodings a datalist is sometimes saved in by mistake (UTF-8's own BOM is accepted).
+_OTHER_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
 
 
 class DatalistError(ValueError):
@@ -59,19 +75,63 @@ class Datalist:
 
 
 def resolve_record(record: dict[str, Any], root: str | Path) -> dict[str, Any]:
-    """A copy of ``record`` with its path fields made absolute against ``root``."""
+    """A copy of ``record`` with its path fields made absolute against ``root`` (anything that is not
+    a record, i.e. not a JSON object, is copied unchanged: the validator reports it)."""
     root = Path(root)
     out = copy.deepcopy(record)
+    if not isinstance(out, dict):
+        return out
     for key in PATH_FIELDS:
         if isinstance(out.get(key), str) and out[key]:
-            out[key] = str((root / out[key]).resolve()) if not Path(out[key]).is_absolute() else out[key]
+            out[key] = _absolute(out[key], root)
     for key in PATH_DICT_FIELDS:
         if isinstance(out.get(key), dict):
-            out[key] = {
-                k: (str((root / v).resolve()) if isinstance(v, str) and not Path(v).is_absolute() else v)
-                for k, v in out[key].items()
-            }
+            out[key] = {k: (_absolute(v, root) if isinstance(v, str) else v) for k, v in out[key].items()}
     return out
+
+
+def _absolute(value: str, root: Path) -> str:
+    """``value`` made absolute against ``root`` (symlinks resolved); a path the OS cannot resolve (a NUL
+    byte, a symlink loop) is only joined, and the reader that opens it reports the problem."""
+    if Path(value).is_absolute():
+        return value
+    try:
+        return str((root / value).resolve())
+    except (OSError, ValueError, RuntimeError):
+        return str(root / value)
+
+
+def read_datalist_json(path: str | Path) -> Any:
+    """The parsed JSON of a datalist file: UTF-8 text (a leading UTF-8 byte-order mark is allowed).
+
+    Raises:
+        DatalistError: naming the file when it is missing or unreadable, not UTF-8 (the message says
+        which byte, and names UTF-16/UTF-32 when the file starts with their byte-order mark), not
+        valid JSON, or nested too deeply to parse.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DatalistError(f"{path}: datalist not found") from None
+    except OSError as e:
+        raise DatalistError(f"{path}: cannot read the datalist ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bom = next((name for mark, name in _OTHER_BOMS.items() if raw.startswith(mark)), None)
+        if bom:
+            raise DatalistError(f"{path}: the datalist is {bom} text; save it as UTF-8") from None
+        raise DatalistError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} is not valid UTF-8: "
+            "Latin-1 or Windows-1252?); save the datalist as UTF-8"
+        ) from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DatalistError(f"{path}: not valid JSON (nested too deeply to parse)") from None
+    except ValueError as e:  # JSONDecodeError, and integers beyond Python's digit limit
+        raise DatalistError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_datalist(path: str | Path) -> Datalist:
@@ -79,16 +139,7 @@ def load_datalist(path: str | Path) -> Datalist:
     path = Path(path)
     if path.is_dir():
         path = path / "datalist.json"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatalistError(f"{path}: datalist not found") from None
-    except UnicodeDecodeError as e:
-        raise DatalistError(f"{path}: not UTF-8 text ({e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatalistError(f"{path}: not valid JSON ({e})") from None
+    data = read_datalist_json(path)
     if not isinstance(data, dict):
         raise DatalistError(f"{path}: a datalist must be a JSON object")
     for key in ("modality", "catalog"):

@@ -20,8 +20,9 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 
 from .datalist import load_datalist
+from .readers import unwrap_transform_error
 
-__all__ = ["vlp_collate", "SkippingDataset", "TooManyBadCases", "build_dataset", "LIST_KEYS"]
+__all__ = ["vlp_collate", "SkippingDataset", "FailureKeepingCacheDataset", "TooManyBadCases", "build_dataset", "LIST_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class SkippingDataset(torch.utils.data.Dataset):
         try:
             return self.dataset[index]
         except Exception as e:  # any loading/transform failure of one case
-            reason = f"{type(e).__name__}: {e}"
+            cause = unwrap_transform_error(e)  # the reader's error names the file, MONAI's wrapper does not
+            reason = f"{type(cause).__name__}: {cause}"
             case_id = self._case_id(index)
             with self._lock:
                 self.bad_cases.append((index, case_id, reason))
@@ -113,6 +115,36 @@ class SkippingDataset(torch.utils.data.Dataset):
                     f"{n_bad} of {len(self)} cases failed to load (more than {self.max_bad_fraction:.0%}): {listing}"
                 ) from e
             return None
+
+
+class _LoadFailure:
+    """What :class:`FailureKeepingCacheDataset` caches for a case whose deterministic prefix failed."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class FailureKeepingCacheDataset(CacheDataset):
+    """MONAI's ``CacheDataset`` that keeps a case's loading failure instead of raising it while caching.
+
+    ``CacheDataset`` runs the deterministic prefix of the chain for every cached case in its
+    constructor, so one unloadable case (NaN voxels, a truncated file) would stop the run before
+    :class:`SkippingDataset` could skip and list it. Here the failure is cached and raised again when
+    that case is fetched, where :class:`SkippingDataset` reports it.
+    """
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as e:
+            return _LoadFailure(e)
+
+    def _transform(self, index: int):
+        if self._cache is not None and not self.hash_as_key and index % len(self) < self.cache_num:
+            cached = self._cache[index % len(self)]
+            if isinstance(cached, _LoadFailure):
+                raise cached.error
+        return super()._transform(index)
 
 
 def build_dataset(
@@ -144,8 +176,8 @@ def build_dataset(
     if cache == "none":
         ds = Dataset(records, transform=transform)
     elif cache == "memory":
-        ds = CacheDataset(records, transform=transform, cache_rate=cache_rate, num_workers=num_workers or None,
-                          progress=False)
+        ds = FailureKeepingCacheDataset(records, transform=transform, cache_rate=cache_rate,
+                                        num_workers=num_workers or None, progress=False)
     elif cache == "persistent":
         if cache_dir is None:
             raise ValueError("cache='persistent' needs cache_dir")

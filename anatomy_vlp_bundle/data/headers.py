@@ -12,6 +12,12 @@ format stores before its pixel data:
 - single DICOM file (CXR): pydicom with ``stop_before_pixels=True``.
 - PNG / JPEG: Pillow's lazy ``Image.open`` (size and mode; nothing is decoded).
 
+Consumers refuse, from the header alone, images without voxels or larger than :func:`max_voxels`
+(:func:`check_image_size`: a header that declares 100000 x 100000 x 1000 voxels is refused before
+anything is allocated; PNG/JPEG meet Pillow's lower decompression-bomb limit, about 179 million
+pixels, on opening), and DICOM series whose slices are duplicated or unevenly spaced
+(:func:`slice_layout`).
+
 Conventions (the same as nibabel and MONAI's ``LoadImage``):
 
 - ``shape`` and ``spacing`` are in ITK/NIfTI index order ``(i, j[, k])``: ``i`` runs along an
@@ -25,6 +31,8 @@ Conventions (the same as nibabel and MONAI's ``LoadImage``):
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +43,14 @@ __all__ = [
     "HeaderError",
     "ImageHeader",
     "DicomInfo",
+    "SliceLayout",
     "read_header",
+    "slice_layout",
+    "check_image_size",
+    "max_voxels",
+    "MAX_VOXELS",
+    "MAX_VOXELS_ENV",
+    "NON_RADIOGRAPH_MODALITIES",
     "image_kind",
     "itk_to_ras_affine",
     "world_bounds",
@@ -75,8 +90,135 @@ _PIL_MODES = {
 }
 
 
+#: Largest image the bundle reads, in voxels times components per voxel (1e9: e.g. 1024 x 1024 x 950,
+#: 4 GB as float32). A header declaring more is refused before any voxel is read, by ``validate``,
+#: ``infer``, ``infer-batch`` and the training loader alike; the environment variable
+#: :data:`MAX_VOXELS_ENV` overrides it.
+MAX_VOXELS = 1_000_000_000
+MAX_VOXELS_ENV = "ANATOMY_VLP_MAX_VOXELS"
+
+#: DICOM Modality values of volumes and non-image objects, never of a radiograph.
+NON_RADIOGRAPH_MODALITIES = ("CT", "MR", "PT", "NM", "US", "SEG", "RTSTRUCT")
+
+#: Two slices closer than this along the slice normal (mm) are at the same position.
+_SAME_POSITION_MM = 1e-3
+
+
 class HeaderError(ValueError):
     """An image whose header cannot be read; the message names the file and what is wrong."""
+
+
+def max_voxels() -> int:
+    """The image size limit: ``$ANATOMY_VLP_MAX_VOXELS`` when set (``2e9`` and ``2000000000`` both work),
+    else :data:`MAX_VOXELS`.
+
+    Raises:
+        ValueError: the environment variable is set but is not a positive number.
+    """
+    value = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not value:
+        return MAX_VOXELS
+    try:
+        limit = int(float(value))
+    except (ValueError, OverflowError):
+        raise ValueError(f"{MAX_VOXELS_ENV}={value!r} is not a number of voxels") from None
+    if limit <= 0:
+        raise ValueError(f"{MAX_VOXELS_ENV}={value!r}: the limit must be positive")
+    return limit
+
+
+def check_image_size(path: str | Path, shape, n_components: int = 1) -> None:
+    """Refuse an image, from its header, that has no voxels or more than :func:`max_voxels`.
+
+    Args:
+        path: the file (named in the message).
+        shape: the spatial size the header declares (any number of axes).
+        n_components: values per voxel (3 for RGB).
+
+    Raises:
+        HeaderError: naming the file, the declared size and the limit.
+    """
+    dims = [int(s) for s in shape]
+    size = " x ".join(str(s) for s in dims)
+    if not dims or any(s <= 0 for s in dims):
+        raise HeaderError(f"{path}: empty image: its header gives size {size or '()'}, which holds no voxels")
+    n = math.prod(dims) * max(int(n_components), 1)  # Python ints: no overflow
+    limit = max_voxels()
+    if n > limit:
+        comps = f" x {n_components} components" if n_components > 1 else ""
+        raise HeaderError(
+            f"{path}: its header declares {size}{comps} = {n:.3g} voxels, more than the limit of {limit:,} "
+            f"(set {MAX_VOXELS_ENV} to allow larger images); refused before reading any voxel"
+        )
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """Where the slices of a DICOM series lie along their normal.
+
+    Attributes:
+        order: file indices sorted along the slice normal.
+        positions: the slice positions along the normal, sorted (mm).
+        spacing: median distance between consecutive distinct positions (mm); ``None`` when the
+            series has fewer than two distinct positions.
+        duplicates: slices at a position another slice already has (two series mixed, repeated slices).
+        irregular: the distances between consecutive distinct positions differ from ``spacing``
+            by more than 1% (missing slices, inconsistent spacing).
+    """
+
+    order: tuple[int, ...]
+    positions: tuple[float, ...]
+    spacing: float | None
+    duplicates: int
+    irregular: bool
+
+    def gaps(self) -> np.ndarray:
+        """Distances between consecutive distinct positions (mm)."""
+        gaps = np.diff(np.asarray(self.positions, dtype=float))
+        return gaps[np.abs(gaps) >= _SAME_POSITION_MM]
+
+    def first_duplicate(self) -> tuple[int, int] | None:
+        """File indices of the first two slices at the same position, or None."""
+        for k in range(len(self.positions) - 1):
+            if abs(self.positions[k + 1] - self.positions[k]) < _SAME_POSITION_MM:
+                return self.order[k], self.order[k + 1]
+        return None
+
+    def describe_gaps(self) -> str:
+        """``"gaps 2.00 to 6.00 mm, median 2.00 mm"``."""
+        gaps = self.gaps()
+        if gaps.size == 0:
+            return "no gaps"
+        return f"gaps {gaps.min():.2f} to {gaps.max():.2f} mm, median {self.spacing:.2f} mm"
+
+
+def slice_layout(positions, orientation) -> SliceLayout:
+    """Sort DICOM slices along their normal and check their spacing.
+
+    Args:
+        positions: ``(N, 3)`` ImagePositionPatient of each file (LPS mm).
+        orientation: the six ImageOrientationPatient values (row then column direction cosines).
+
+    Returns:
+        :class:`SliceLayout`.
+    """
+    orient = np.asarray(orientation, dtype=float)
+    normal = np.cross(orient[:3], orient[3:])
+    proj = np.asarray(positions, dtype=float).reshape(-1, 3) @ normal
+    order = np.argsort(proj, kind="stable")
+    proj = proj[order]
+    gaps = np.diff(proj)
+    same = np.abs(gaps) < _SAME_POSITION_MM
+    real_gaps = gaps[~same]
+    spacing = float(np.median(real_gaps)) if real_gaps.size else None
+    irregular = bool(real_gaps.size > 1 and np.max(np.abs(real_gaps - spacing)) > 0.01 * abs(spacing) + 1e-4)
+    return SliceLayout(
+        order=tuple(int(i) for i in order),
+        positions=tuple(float(p) for p in proj),
+        spacing=spacing,
+        duplicates=int(same.sum()),
+        irregular=irregular,
+    )
 
 
 @dataclass(frozen=True)
@@ -94,6 +236,8 @@ class DicomInfo:
             mixed in one folder, or repeated slices).
         irregular_spacing: the gaps between consecutive slice positions differ by more than 1%
             (missing slices).
+        gap_range: smallest and largest gap between consecutive distinct slice positions (mm), None
+            without positions or with fewer than two.
         files: the series files sorted along the slice normal.
     """
 
@@ -106,6 +250,7 @@ class DicomInfo:
     n_positions: int = 0
     duplicate_positions: int = 0
     irregular_spacing: bool = False
+    gap_range: tuple[float, float] | None = None
     files: tuple[str, ...] = ()
 
 
@@ -163,6 +308,7 @@ class ImageHeader:
                 "n_positions": d.n_positions,
                 "duplicate_positions": d.duplicate_positions,
                 "irregular_spacing": d.irregular_spacing,
+                "gap_range": list(d.gap_range) if d.gap_range else None,
             }
         return out
 
@@ -450,25 +596,22 @@ def _dicom_series_header(folder: Path) -> ImageHeader:
     n = len(files)
     dup = 0
     irregular = False
+    gap_range = None
     n_pos = 0
     has_geometry = positions is not None and orient is not None and orient.size == 6
     sorted_files = tuple(files)
     if has_geometry:
         row_dir, col_dir = orient[:3], orient[3:]
         normal = np.cross(row_dir, col_dir)
-        pos = np.asarray(positions)
-        proj = pos @ normal
-        order = np.argsort(proj, kind="stable")
-        proj, pos = proj[order], pos[order]
-        sorted_files = tuple(files[i] for i in order)
-        gaps = np.diff(proj)
-        same = np.abs(gaps) < 1e-3
-        dup = int(same.sum())
+        layout = slice_layout(positions, orient)
+        pos = np.asarray(positions)[list(layout.order)]
+        sorted_files = tuple(files[i] for i in layout.order)
+        dup = layout.duplicates
         n_pos = n - dup
-        real_gaps = gaps[~same]
-        dz = float(np.median(real_gaps)) if real_gaps.size else float(_ds_get(first, "SliceThickness", 1.0) or 1.0)
-        if real_gaps.size > 1:
-            irregular = bool(np.max(np.abs(real_gaps - dz)) > 0.01 * abs(dz) + 1e-4)
+        irregular = layout.irregular
+        gaps = layout.gaps()
+        gap_range = (float(gaps.min()), float(gaps.max())) if gaps.size else None
+        dz = layout.spacing if layout.spacing is not None else float(_ds_get(first, "SliceThickness", 1.0) or 1.0)
         lps = np.eye(4)
         lps[:3, 0] = row_dir * d_col  # index i walks along a row: one column step
         lps[:3, 1] = col_dir * d_row  # index j walks down a column: one row step
@@ -503,6 +646,7 @@ def _dicom_series_header(folder: Path) -> ImageHeader:
             n_positions=n_pos,
             duplicate_positions=dup,
             irregular_spacing=irregular,
+            gap_range=gap_range,
             files=sorted_files,
         ),
     )
@@ -559,6 +703,8 @@ def _pil_header(p: Path, kind: str) -> ImageHeader:
             size, mode, fmt = im.size, im.mode, im.format
     except UnidentifiedImageError:
         raise HeaderError(f"{p}: not a readable {kind.upper()} image") from None
+    except Image.DecompressionBombError as e:  # Pillow's own, lower, size limit: checked on opening
+        raise HeaderError(f"{p}: {e}; refused before reading any pixel") from None
     dtype, n_comp = _PIL_MODES.get(mode, (f"PIL mode {mode}", len(mode)))
     return ImageHeader(
         path=str(p),

@@ -12,7 +12,11 @@ x = column, axis 1 is y = row, as ``PILReader(reverse_indexing=True)`` gives), g
 (MONOCHROME1 inverted), with an ``affine`` ``diag(sx, sy, 1, 1)`` carrying the pixel spacing in mm
 (1 when the file has none; ``meta["spacing_known"]`` says which).
 
-Bad input raises :class:`ImageReadError`, whose message names the file and what is wrong.
+Bad input raises :class:`ImageReadError`, whose message names the file and what is wrong. Before any
+voxel is decoded the header is checked: no voxels, more than
+:func:`~anatomy_vlp_bundle.data.headers.max_voxels`, or (CT) not a single-channel 3D volume; a DICOM
+series must hold one series whose slices are neither duplicated nor unevenly spaced (ITK would read
+them onto a stretched grid). Decoded study images must hold finite values (no NaN or Inf voxels).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 from monai.data import ImageReader, MetaTensor
 from monai.utils import MetaKeys
 
+from .headers import HeaderError, check_image_size, read_header, slice_layout
+
 __all__ = [
     "ImageReadError",
     "CXRReader",
@@ -34,6 +40,7 @@ __all__ = [
     "load_mask_image",
     "check_ct_dicom_series",
     "image_format",
+    "unwrap_transform_error",
     "NIFTI_SUFFIXES",
     "CT_FILE_SUFFIXES",
     "CXR_SUFFIXES",
@@ -52,6 +59,22 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 class ImageReadError(ValueError):
     """An image or mask file that cannot be used; the message names the file and the problem."""
+
+
+def unwrap_transform_error(error: BaseException) -> BaseException:
+    """The exception behind MONAI's ``RuntimeError("applying transform <...>")`` wrappers.
+
+    MONAI's ``apply_transform`` re-raises any failure inside a transform chain as a ``RuntimeError``
+    naming only the transform object (once per nesting level), with the original as ``__cause__``.
+    The original names the file and the problem (an :class:`ImageReadError`, ...): report that one.
+    """
+    while (
+        isinstance(error, RuntimeError)
+        and str(error).startswith("applying transform")
+        and isinstance(error.__cause__, Exception)
+    ):
+        error = error.__cause__
+    return error
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -299,11 +322,13 @@ def check_ct_dicom_series(folder: str | Path, required_modality: str | None = "C
         required_modality: the DICOM ``Modality`` the series must have (None: any).
 
     Returns:
-        ``{"series_uid", "modality", "num_files"}``.
+        ``{"series_uid", "modality", "num_files", "rows", "columns"}``.
 
     Raises:
         ImageReadError: naming the folder when it is empty, holds no DICOM image, holds more than one
-        image series, or its Modality is not ``required_modality``.
+        image series, its Modality is not ``required_modality``, its size exceeds
+        :func:`~anatomy_vlp_bundle.data.headers.max_voxels`, two slices share a position, or the slice
+        positions are unevenly spaced (a missing slice, inconsistent spacing).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -323,8 +348,15 @@ def check_ct_dicom_series(folder: str | Path, required_modality: str | None = "C
         if "Rows" not in ds:  # structured reports and other non-image objects
             continue
         uid = str(ds.get("SeriesInstanceUID", ""))
-        entry = series.setdefault(uid, {"modality": str(ds.get("Modality", "")), "num_files": 0})
+        entry = series.setdefault(
+            uid,
+            {"modality": str(ds.get("Modality", "")), "num_files": 0, "rows": 0, "columns": 0, "files": [], "geometry": []},
+        )
         entry["num_files"] += 1
+        entry["rows"] = max(entry["rows"], int(ds.get("Rows") or 0))
+        entry["columns"] = max(entry["columns"], int(ds.get("Columns") or 0))
+        entry["files"].append(f)
+        entry["geometry"].append(_slice_geometry(ds))
     if not series:
         raise ImageReadError(f"{folder}: no DICOM image files in the folder")
     if len(series) > 1:
@@ -335,7 +367,72 @@ def check_ct_dicom_series(folder: str | Path, required_modality: str | None = "C
         raise ImageReadError(
             f"{folder}: DICOM series has Modality {entry['modality'] or '(missing)'!r}, expected {required_modality!r}"
         )
-    return {"series_uid": uid, **entry}
+    try:
+        check_image_size(folder, (entry["columns"], entry["rows"], entry["num_files"]))
+    except HeaderError as e:
+        raise ImageReadError(str(e)) from None
+    _check_slice_positions(folder, entry["files"], entry["geometry"])
+    return {"series_uid": uid, **{k: entry[k] for k in ("modality", "num_files", "rows", "columns")}}
+
+
+def _slice_geometry(ds: Any) -> tuple[list[float], list[float]] | None:
+    """``(ImagePositionPatient, ImageOrientationPatient)`` of a slice, None when absent or malformed."""
+    try:
+        ipp = [float(v) for v in ds.get("ImagePositionPatient") or []]
+        iop = [float(v) for v in ds.get("ImageOrientationPatient") or []]
+    except (TypeError, ValueError):
+        return None
+    if len(ipp) != 3 or len(iop) != 6 or not np.all(np.isfinite(ipp + iop)):
+        return None
+    return ipp, iop
+
+
+def _check_slice_positions(folder: Path, files: list[Path], geometry: list) -> None:
+    """Refuse a series whose slices share a position or are unevenly spaced (when every slice has a position)."""
+    if len(files) < 2 or any(g is None for g in geometry):
+        return  # no positions to check: ITK orders such slices by file name / instance number
+    layout = slice_layout([g[0] for g in geometry], geometry[0][1])
+    if layout.duplicates:
+        a, b = layout.first_duplicate()
+        raise ImageReadError(
+            f"{folder}: DICOM series has {layout.duplicates} slice(s) at a position another slice already has "
+            f"({files[a].name} and {files[b].name} are both at {layout.positions[layout.order.index(a)]:.2f} mm along "
+            "the slice normal): two series mixed or repeated slices; it cannot be read as one volume"
+        )
+    if layout.irregular:
+        raise ImageReadError(
+            f"{folder}: DICOM series slice positions are unevenly spaced ({layout.describe_gaps()}): missing "
+            "slices or inconsistent spacing; it cannot be read onto a regular grid"
+        )
+
+
+def _check_header(path: Path, what: str, volume: bool) -> None:
+    """Refuse, from the header alone, a file without voxels, larger than the size limit or (``volume``) not
+    a single-channel 3D volume, before any voxel is decoded."""
+    try:
+        h = read_header(path)
+        check_image_size(path, h.shape, h.n_components)
+    except HeaderError as e:
+        raise ImageReadError(str(e)) from None
+    if volume and h.ndim != 3:
+        raise ImageReadError(f"{path}: a {what} must be a 3D volume, its header describes a {h.ndim}D image of shape {h.shape}")
+    if volume and h.n_components != 1:
+        raise ImageReadError(
+            f"{path}: a {what} must be single-channel, its header gives {h.n_components} components per voxel "
+            f"({h.dtype}; an RGB or vector image)"
+        )
+
+
+def _check_finite(img: torch.Tensor, path: Path, what: str) -> None:
+    """Refuse NaN and infinite voxels (they poison every loss and score downstream)."""
+    if not img.is_floating_point():
+        return
+    finite = torch.isfinite(img)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(img).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    raise ImageReadError(f"{path}: a {what} must hold finite values; it has {n_nan} NaN and {n_inf} infinite voxel(s)")
 
 
 _LOADERS: dict[str, Any] = {}
@@ -380,6 +477,8 @@ def _read_volume(path: Path, what: str) -> MetaTensor:
         )
     elif fmt == "unknown":
         raise ImageReadError(f"{path}: unknown {what} format (expected .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder)")
+    else:
+        _check_header(path, what, volume=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -406,6 +505,8 @@ def _read_volume(path: Path, what: str) -> MetaTensor:
 
 
 def _read_cxr(path: Path, what: str, mask: bool) -> MetaTensor:
+    if path.is_file() and image_format(path) in ("pil", "dicom"):  # other paths: CXRReader names the problem
+        _check_header(path, what, volume=False)
     try:
         img = _load("cxr_mask" if mask else "cxr", path)
     except ImageReadError:
@@ -436,8 +537,9 @@ def load_study_image(path: str | Path, modality: str) -> MetaTensor:
         (MONOCHROME1 inverted), ``affine`` ``diag(sx, sy, 1, 1)``, ``meta["spacing_known"]``.
 
     Raises:
-        ImageReadError: naming the file (missing, unreadable, 2D given as CT or 4D/vector,
-        DICOM series of another modality, empty folder, ...).
+        ImageReadError: naming the file (missing, unreadable, empty, larger than the size limit, 2D
+        given as CT or 4D/vector/RGB, DICOM series of another modality or with duplicated or unevenly
+        spaced slices, empty folder, NaN or infinite voxels, ...).
     """
     path = Path(path)
     modality = _normalise_modality(modality)
@@ -448,6 +550,10 @@ def load_study_image(path: str | Path, modality: str) -> MetaTensor:
         img.meta["spacing_known"] = True
     else:
         img = _read_cxr(path, "CXR image", mask=False)
+    what = f"{modality} image"
+    if img.numel() == 0:
+        raise ImageReadError(f"{path}: empty {what}: shape {tuple(img.shape[1:])} holds no voxels")
+    _check_finite(img, path, what)
     return img.to(torch.float32)
 
 
@@ -464,6 +570,8 @@ def load_mask_image(path: str | Path, spatial_dims: int) -> MetaTensor:
     """
     path = Path(path)
     if spatial_dims == 3:
+        if path.is_dir():
+            check_ct_dicom_series(path, required_modality=None)
         img = _read_volume(path, "mask")
         img.meta["spacing_known"] = True
         return img

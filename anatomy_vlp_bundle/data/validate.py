@@ -4,9 +4,10 @@
 (``DATA_CONTRACT.md``): the datalist's own keys and catalog, then every record — ids, patients
 across splits, image format and dimensionality for the modality, masks (readable, on the image's
 physical extent), anatomy / finding names against the catalog, boxes, report text. By default it
-reads headers only (:mod:`anatomy_vlp_bundle.data.headers`); ``deep=True`` also decodes every
-image and mask (truncated files, NaN voxels, constant images, non-integer label maps, label values
-no anatomy lists).
+reads headers only (:mod:`anatomy_vlp_bundle.data.headers`; empty images and images larger than
+:func:`~anatomy_vlp_bundle.data.headers.max_voxels` are refused from the header, before anything is
+decoded); ``deep=True`` also decodes every image and mask (truncated files, NaN or infinite voxels,
+constant images, non-integer label maps, label values no anatomy lists).
 
 It never raises on bad input: every problem, including an exception inside a record's check,
 becomes a :class:`Problem` naming split, record index, id, field and file, and the next record is
@@ -29,8 +30,16 @@ from typing import Any, Iterator
 import numpy as np
 
 from .catalog import MODALITIES, Catalog, CatalogError
-from .datalist import SPLITS, DatalistError, load_datalist, resolve_record
-from .headers import HeaderError, ImageHeader, overlap_fraction, read_header, world_bounds
+from .datalist import SPLITS, DatalistError, load_datalist, read_datalist_json, resolve_record
+from .headers import (
+    NON_RADIOGRAPH_MODALITIES,
+    HeaderError,
+    ImageHeader,
+    check_image_size,
+    overlap_fraction,
+    read_header,
+    world_bounds,
+)
 from .labels import ABSENT, PRESENT, UNCERTAIN
 
 __all__ = [
@@ -76,8 +85,6 @@ CXR_PHOTOMETRIC = (
     "YBR_ICT",
     "YBR_PARTIAL_420",
 )
-# DICOM Modality values that are volumes, never radiographs.
-NON_RADIOGRAPH_MODALITIES = ("CT", "MR", "PT", "NM", "US", "SEG", "RTSTRUCT")
 FINDING_VALUES = (PRESENT, ABSENT, UNCERTAIN)
 #: The exact foreground test decodes at most this many foreground voxels (evenly strided).
 MAX_MASK_POINTS = 200_000
@@ -372,7 +379,7 @@ class _Validator:
             return
         self.report.datalist = str(dl.path)
         self.root = dl.root
-        raw = json.loads(dl.path.read_text(encoding="utf-8"))
+        raw = read_datalist_json(dl.path)
         for key, value in raw.items():
             if key not in DATALIST_KEYS and isinstance(value, list):
                 self.add(
@@ -544,6 +551,10 @@ class _Validator:
         mod = self.modality
         errors: list[str] = []
         warnings: list[str] = []
+        try:
+            check_image_size(path, h.shape, h.n_components)
+        except HeaderError as e:
+            errors.append(str(e))
         if h.kind not in IMAGE_KINDS[mod]:
             what = f"{h.ndim}D {h.kind.upper()} image (shape {h.shape})"
             errors.append(f"a {what} in a {mod} datalist: {mod} images must be {IMAGE_FORMATS_TEXT[mod]}")
@@ -563,8 +574,12 @@ class _Validator:
                         f"DICOM series has {d.duplicate_positions} slice(s) at a position another slice already has "
                         f"({d.n_files} files, {d.n_positions} positions): two series mixed or repeated slices"
                     )
-                if d.irregular_spacing:
-                    warnings.append("DICOM series slice positions are irregularly spaced (missing slices?)")
+                if d.irregular_spacing:  # implies gap_range
+                    warnings.append(
+                        f"DICOM series slice positions are irregularly spaced (gaps {d.gap_range[0]:.2f} to "
+                        f"{d.gap_range[1]:.2f} mm, median {h.spacing[-1]:.2f} mm: missing slices?); the series cannot be "
+                        "read onto a regular grid, so training skips it and inference refuses it"
+                    )
                 if not h.has_geometry:
                     warnings.append("DICOM series without ImagePositionPatient/ImageOrientationPatient: slice order and position unknown")
         else:  # CXR
@@ -605,8 +620,10 @@ class _Validator:
             return
         if np.issubdtype(arr.dtype, np.floating):
             n_nan = int(np.isnan(arr).sum())
-            if n_nan:
-                self.add("error", r, "image", path, f"{n_nan} NaN voxel(s)")
+            n_inf = int(np.isinf(arr).sum())
+            if n_nan or n_inf:
+                counts = " and ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "infinite")) if n)
+                self.add("error", r, "image", path, f"{counts} voxel(s): images must hold finite values")
                 return
         if arr.size and arr.min() == arr.max():
             self.add("warning", r, "image", path, f"every voxel has the same value ({arr.flat[0]}): empty image?")
@@ -622,6 +639,7 @@ class _Validator:
             self.add("error", r, fld, path, "mask file not found")
             return None
         h = read_header(path, self.modality)  # HeaderError -> error through the caller's guard
+        check_image_size(path, h.shape, h.n_components)  # the same
         dims = 3 if self.modality == "CT" else 2
         if h.kind not in MASK_KINDS:
             self.add(
@@ -785,7 +803,7 @@ class _Validator:
             if not isinstance(box, (list, tuple)) or len(box) != n:
                 self.add("error", r, fld, None, f"box must be {n} numbers {layout}, got {box!r}")
                 continue
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+            if not all(_finite_number(v) for v in box):
                 self.add("error", r, fld, None, f"box values must be finite numbers, got {box!r}")
                 continue
             lo, hi = np.asarray(box[:d], dtype=float), np.asarray(box[d:], dtype=float)
@@ -818,6 +836,13 @@ class _Validator:
             self.add("error", r, "report", None, f"'report' must be a string, got {type(rec['report']).__name__}")
         elif not rec["report"].strip():
             self.add("warning", r, "report", None, "empty report: the record has no text for alignment")
+        elif "\ufffd" in rec["report"]:
+            n = rec["report"].count("\ufffd")
+            self.add(
+                "warning", r, "report", None,
+                f"report holds {n} U+FFFD replacement character(s): its text was decoded with the wrong encoding "
+                "(e.g. Latin-1 or UTF-16 read as UTF-8) before it was written to the datalist",
+            )
 
     def _check_sentences(self, r: _Record, value: Any) -> None:
         if not isinstance(value, dict):
@@ -876,6 +901,16 @@ class _Validator:
                 self.add("error", r, fld, None, f"unknown study finding {finding!r} in catalog {self.catalog.name!r}{extra}")
                 continue
             self._finding_value_ok(r, fld, v)
+
+
+def _finite_number(value: Any) -> bool:
+    """A JSON number usable as a coordinate: int or float, not bool, finite as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # integers beyond float range
+        return False
 
 
 def _fmt_box(lo, hi) -> str:

@@ -72,7 +72,7 @@ def prepare_datalist(dataset_dir: str, datalist: Optional[str] = None, modality:
 
         report = validate_datalist(path)
         if report.errors:
-            listing = "; ".join(str(p) for p in report.errors[:5])
+            listing = "; ".join(p.format() for p in report.errors[:5])
             raise ValueError(f"{path}: the datalist has {len(report.errors)} error(s), training refuses it: {listing}")
     return str(path)
 

@@ -2,14 +2,15 @@
 
 Bad cases (unreadable, wrong modality, truncated, ...) are reported and skipped: the others are
 still written, and the run ends with the list of failures and their reasons (also in
-``failures.json``). Progress shows with tqdm.
+``failures.json``). So are datalist records without an image, and ids that cannot name a result
+file (path components, a second record with the same id, whose result would overwrite the
+first's). Progress shows with tqdm.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,18 +35,38 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and name.endswith(IMAGE_SUFFIXES)
 
 
+def _datalist_item(index: int, rec: Any, split: str) -> dict[str, Any]:
+    """One datalist record as ``{"id", "image"}``, plus ``"error"`` when the record names no image."""
+    if not isinstance(rec, dict):
+        return {"id": f"{split}[{index}]", "image": "", "error": f"record {split}[{index}] is not a JSON object"}
+    image = rec.get("image")
+    rid = rec.get("id")
+    item = {"id": str(rid) if rid is not None else image_stem(str(image or f"{split}[{index}]")), "image": str(image or "")}
+    if not isinstance(image, str) or not image.strip():
+        item["error"] = f"record {split}[{index}] has no 'image' path (got {image!r})"
+    return item
+
+
+def _id_problem(item_id: str, taken: dict[str, str]) -> Optional[str]:
+    """Why ``item_id`` cannot name a result file in the output folder, or None."""
+    if not item_id or item_id in (".", "..") or any(c in item_id for c in "/\\\0"):
+        return f"id {item_id!r} cannot name a result file (empty, '.', '..', or holds a path separator or NUL)"
+    if item_id in taken:
+        return f"duplicate id {item_id!r}: {taken[item_id]} has it too, and its result would be overwritten"
+    return None
+
+
 def collect_inputs(source: str | Path, split: str = "test", modality: Optional[str] = None) -> list[dict[str, Any]]:
-    """``[{"id", "image", "mask"?}]`` from a datalist (its ``split``; the record's ``anatomy_mask``
+    """``[{"id", "image", "error"?}]`` from a datalist (its ``split``; the record's ``anatomy_mask``
     is not used: inference is image-only unless a mask is asked for) or a folder (image files;
-    for CT also sub-folders holding ``.dcm`` files, i.e. DICOM series; for CXR each ``.dcm`` is an image)."""
+    for CT also sub-folders holding ``.dcm`` files, i.e. DICOM series; for CXR each ``.dcm`` is an image).
+    Datalist records that name no image come with an ``"error"`` (reported by :func:`run_batch`)."""
     source = Path(source)
     if source.is_file() and source.suffix == ".json":
         from ..data.datalist import load_datalist
 
         dl = load_datalist(source)
-        out = []
-        for rec in dl.records(split):
-            out.append({"id": str(rec["id"]), "image": str(rec["image"])})
+        out = [_datalist_item(i, rec, split) for i, rec in enumerate(dl.records(split))]
         if not out:
             raise ValueError(f"datalist {source}: split {split!r} holds no records")
         return out
@@ -82,8 +103,15 @@ def run_batch(checkpoint: str | Path, source: str | Path, output_dir: str | Path
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, failed = [], []
+    taken: dict[str, str] = {}  # id -> image of the case that names <id>.json
     suffix = ".nii.gz" if predictor.catalog.spatial_dims == 3 else ".png"
     for item in tqdm(items, desc="infer", unit="image", disable=not progress):
+        problem = item.get("error") or _id_problem(item["id"], taken)
+        if problem:
+            failed.append({"id": item["id"], "image": item["image"], "error": problem})
+            logger.warning("inference skipped %s: %s", item["image"] or item["id"], problem)
+            continue
+        taken[item["id"]] = item["image"]
         try:
             pred = predictor.predict(item["image"])
             path = out_dir / f"{item['id']}.json"

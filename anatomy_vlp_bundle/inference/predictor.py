@@ -11,6 +11,13 @@ Two kinds of model file:
   tensor; the layout, thresholds, catalog and preprocessing travel inside it. ``--mask``, label
   maps and heatmaps need the checkpoint.
 
+Inputs the model can say nothing about are refused with an
+:class:`~anatomy_vlp_bundle.data.readers.ImageReadError` naming the file: besides what the readers
+refuse (unreadable, empty, NaN/Inf voxels, over the size limit, 4D/RGB, wrong DICOM modality or broken
+series), a constant image, a DICOM of a volume modality (CT, MR, ...) given to a CXR model, and an
+image smaller than one patch of the model (CT: at the model's spacing; CXR: in stored pixels), which
+would be almost all padding or upsampled beyond recognition.
+
 The result follows ``../shared/DATA_CONTRACT.md`` ("Inference result"): CT boxes in world RAS mm
 and in the input's own voxels, CXR boxes in pixels of the input, per-finding probabilities, the
 abnormality score, an anatomy-by-anatomy report at the stored thresholds, the model version and
@@ -29,7 +36,8 @@ import numpy as np
 import torch
 
 from ..data.catalog import Catalog, load_catalog
-from ..data.readers import load_study_image
+from ..data.headers import NON_RADIOGRAPH_MODALITIES, world_bounds
+from ..data.readers import ImageReadError, load_study_image, unwrap_transform_error
 from ..engines.checkpoint import file_sha256
 from . import geometry
 
@@ -38,6 +46,11 @@ __all__ = ["NOTICE", "Prediction", "Predictor", "deploy_from_checkpoint", "file_
 logger = logging.getLogger(__name__)
 
 NOTICE = "Research use only. Not for diagnostic use."
+
+#: Patch size by spatial dims (the bundle's configs) for exported models that do not carry theirs.
+DEFAULT_PATCH_SIZE = {3: 8, 2: 16}
+#: CT spacing (mm) of the inference chain when the model file gives none (``data.pipeline`` default).
+_DEFAULT_CT_SPACING = (4.0, 4.0, 4.0)
 
 
 @dataclass
@@ -106,11 +119,14 @@ class Predictor:
         version, sha256: reported in every result.
         kind: ``"checkpoint"``, ``"torchscript"`` or ``"program"``.
         device: where the model runs.
+        path: the model file (for messages).
+        patch_size: the model's token size per axis (an int for every axis); default: the model's
+            ``backbone.patch_size`` when it has one, else :data:`DEFAULT_PATCH_SIZE`.
     """
 
     def __init__(self, model: torch.nn.Module, catalog: Catalog, preprocessing: dict[str, Any], thresholds: np.ndarray,
                  study_thresholds: np.ndarray, version: str, sha256: str, kind: str, device: str | torch.device = "cpu",
-                 path: str = "") -> None:
+                 path: str = "", patch_size: Optional[int | Sequence[int]] = None) -> None:
         self.model = model
         self.catalog = catalog
         self.preprocessing = dict(preprocessing)
@@ -121,6 +137,10 @@ class Predictor:
         self.kind = kind
         self.device = torch.device(device)
         self.path = path
+        d = catalog.spatial_dims
+        if patch_size is None:
+            patch_size = getattr(getattr(model, "backbone", None), "patch_size", None) or DEFAULT_PATCH_SIZE[d]
+        self.patch_size = [int(patch_size)] * d if isinstance(patch_size, int) else [int(p) for p in patch_size]
         self._chains: dict[bool, Any] = {}
 
     # ------------------------------------------------------------------ loading
@@ -213,15 +233,65 @@ class Predictor:
             self._chains[with_mask] = build_transforms(self.catalog, mode="infer", **kwargs)
         return self._chains[with_mask]
 
+    def check_input(self, image: str | Path, loaded: torch.Tensor) -> None:
+        """Refuse a loaded image the model can say nothing about (see the module docstring).
+
+        Raises:
+            ImageReadError: naming ``image``: a DICOM of a volume modality given to a CXR model, a
+            constant image, or an image smaller than one patch of the model.
+        """
+        d = self.catalog.spatial_dims
+        if d == 2:
+            modality = str(getattr(loaded, "meta", {}).get("dicom_modality", "")).upper()
+            if modality in NON_RADIOGRAPH_MODALITIES:
+                raise ImageReadError(
+                    f"{image}: DICOM Modality {modality!r} is not a radiograph; model {self.catalog.name!r} reads chest X-rays"
+                )
+        lo, hi = float(loaded.min()), float(loaded.max())
+        if lo == hi:
+            raise ImageReadError(f"{image}: every voxel has the same value ({lo:g}): an empty image, nothing to predict on")
+        shape = [int(s) for s in loaded.shape[1:]]
+        patch = " x ".join(str(p) for p in self.patch_size)
+        if d == 3:
+            spacing = [float(v) for v in (self.preprocessing.get("spacing") or _DEFAULT_CT_SPACING)]
+            w_lo, w_hi = world_bounds(shape, np.asarray(loaded.affine, dtype=np.float64))
+            extent = w_hi - w_lo  # RAS mm: the chain orients to RAS before resampling
+            grid = extent / np.asarray(spacing)
+            if np.any(grid < np.asarray(self.patch_size)):
+                raise ImageReadError(
+                    f"{image}: too small for the model: {' x '.join(map(str, shape))} voxels spanning "
+                    f"{' x '.join(f'{e:.3g}' for e in extent)} mm are {' x '.join(f'{g:.3g}' for g in grid)} voxels at the "
+                    f"model's {' x '.join(f'{v:g}' for v in spacing)} mm spacing, less than one {patch} patch along some "
+                    "axis: the model input would be almost all padding"
+                )
+        elif any(s < p for s, p in zip(shape, self.patch_size)):
+            raise ImageReadError(
+                f"{image}: too small for the model: {' x '.join(map(str, shape))} pixels, less than one {patch} patch along "
+                "some axis: resizing it to the model's input would invent the picture"
+            )
+
     def prepare(self, image: str | Path, mask: Optional[str | Path] = None) -> dict[str, Any]:
-        """Load and preprocess one image (and its label map): the chain's output plus ``input_affine`` / ``input_shape``."""
+        """Load, check (:meth:`check_input`) and preprocess one image (and its label map): the chain's output
+        plus ``input_affine`` / ``input_shape``.
+
+        Raises:
+            ImageReadError: naming the image or mask file that cannot be used (also when the failure
+            happens inside the transform chain: MONAI's wrapper is replaced by the original error).
+        """
         loaded = load_study_image(image, self.catalog.modality)
+        self.check_input(image, loaded)
         record: dict[str, Any] = {"id": Path(str(image)).name, "image": loaded}
         if mask is not None:
             if not any(a.labels for a in self.catalog.anatomies):
                 raise ValueError(f"--mask {mask}: catalog {self.catalog.name!r} has no label values, so a label map cannot be read")
             record["anatomy_mask"] = str(mask)
-        data = self._chain(mask is not None)(record)
+        try:
+            data = self._chain(mask is not None)(record)
+        except RuntimeError as e:
+            cause = unwrap_transform_error(e)
+            if cause is e:
+                raise
+            raise cause from None
         data["input_affine"] = np.asarray(loaded.affine, dtype=np.float64)
         data["input_shape"] = [int(s) for s in loaded.shape[1:]]
         return data
