@@ -2,10 +2,10 @@
 ``bash scripts/label_env.sh --test``; skipped where ``monailabel`` is not installed.
 
 A studies folder as MONAI Label keeps it (images, ``labels/final/``) plus a contract datalist with the
-reports, a tiny checkpoint, then:
+reports, a tiny checkpoint (``label_data`` of conftest.py), then:
 (a) without a server (``app_instance``): the region label map on the input grid, the contract result,
     training through the bundle on whole records (reports kept), a ``pretrained`` restart;
-(b) with ``monailabel start_server``: ``/info/`` lists the tasks, ``/infer/...`` answers.
+(b) with ``monailabel start_server`` (``label_server``): ``/info/`` lists the tasks, ``/infer/...`` answers.
 """
 
 import pytest
@@ -15,12 +15,6 @@ pytest.importorskip("monailabel")
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import nibabel as nib  # noqa: E402
@@ -31,57 +25,18 @@ from monailabel.interfaces.exception import MONAILabelException  # noqa: E402
 from monailabel.interfaces.utils.app import app_instance, clear_cache  # noqa: E402
 
 from anatomy_vlp_bundle.apps.monailabel.infers import label_values  # noqa: E402
-from anatomy_vlp_bundle.data.datalist import load_datalist, write_datalist  # noqa: E402
-from anatomy_vlp_bundle.engines.checkpoint import CheckpointExtras  # noqa: E402
+from anatomy_vlp_bundle.data.datalist import load_datalist  # noqa: E402
 from anatomy_vlp_bundle.inference import Predictor  # noqa: E402
-from anatomy_vlp_bundle.synthetic import ensure_synthetic_dataset  # noqa: E402
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-from test_deploy_wrapper import trained_like_model  # noqa: E402
-
-REPO = TESTS.parent
+REPO = Path(__file__).resolve().parents[2]
 APP_DIR = REPO / "anatomy_vlp_bundle" / "apps" / "monailabel"
 RESULT_KEYS = {"image", "modality", "catalog", "model", "regions", "anatomies", "study", "report", "notice"}
-GRID = [40, 32, 32]
-SPACING = [8.0, 8.0, 8.0]
 INFO_REPORT = "FINDINGS: The liver contains a hypodense lesion. IMPRESSION: Liver lesion."
 
 
-def make_studies(dl, studies: Path, labelled: list, ids: dict) -> None:
-    """Images at the top, final labels in labels/final/, a contract datalist whose record ids differ
-    from the file names (matched by image name) and whose paths point into the studies folder."""
-    (studies / "labels" / "final").mkdir(parents=True)
-    shutil.copy(dl.root / "catalog.json", studies / "catalog.json")
-    records = []
-    for rec in ids.values():
-        name = Path(rec["image"]).name
-        shutil.copy(rec["image"], studies / name)
-        if rec["id"] in labelled:
-            shutil.copy(rec["anatomy_mask"], studies / "labels" / "final" / name)
-        records.append({**{k: v for k, v in rec.items() if k not in ("image", "anatomy_mask")},
-                        "id": f"study-{rec['id']}", "image": name})
-    write_datalist(studies / "datalist.json", name="studies", modality="CT", catalog="catalog.json", splits={"training": records})
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("label_app")
-    ensure_synthetic_dataset(str(root / "synth"), "ct", n=5, shape=GRID, spacing=SPACING, progress=False)
-    dl = load_datalist(root / "synth" / "datalist.json")
-    cat = dl.catalog()
-    records = {r["id"]: r for s in ("training", "validation", "test") for r in dl.records(s)}
-    ids = sorted(records)
-    labelled, unlabelled = ids[:-1], ids[-1]
-    make_studies(dl, root / "studies", labelled, records)
-    # a served checkpoint (the fixture pattern of tests/test_inference.py)
-    model = trained_like_model(3, catalog=cat.to_dict(), img_size=GRID)
-    ckpt = root / "served" / "model.pt"
-    ckpt.parent.mkdir()
-    extras = CheckpointExtras(model, "0.1.0", {"spacing": SPACING, "roi_size": GRID}).state_dict()
-    torch.save({"model": model.state_dict(), "extras": extras}, ckpt)
-    yield {"root": root, "studies": root / "studies", "catalog": cat, "records": records, "labelled": labelled,
-           "unlabelled": unlabelled, "ckpt": ckpt, "text_cache": root / "text_cache"}
+def setup(label_data):
+    yield label_data
     clear_cache()
 
 
@@ -165,8 +120,8 @@ def test_train_hands_over_whole_records_and_writes_a_checkpoint(app, setup):
     ds.update_image_info(setup["labelled"][1], {"report": INFO_REPORT})  # per-image info wins over the datalist
     tiny = {
         "cache_dir": str(setup["text_cache"]),
-        "spacing": SPACING,
-        "roi_size": GRID,
+        "spacing": setup["spacing"],
+        "roi_size": setup["grid"],
         "val_batch_size": 4,
         "network_def#hidden_size": 32,
         "network_def#num_heads": 2,
@@ -214,7 +169,7 @@ def test_pretrained_training_restarts_from_the_served_checkpoint(app, setup):
                        "overrides": {"cache_dir": str(setup["text_cache"])}})
     assert stats["pretrained"] == str(served) and stats["training"] == 3 and stats["iterations"] == 1
     after = torch.load(served, map_location="cpu", weights_only=True)
-    assert after["extras"]["model_config"]["hidden_size"] == 32 and after["extras"]["preprocessing"]["roi_size"] == GRID
+    assert after["extras"]["model_config"]["hidden_size"] == 32 and after["extras"]["preprocessing"]["roi_size"] == setup["grid"]
     # one optimiser step (AdamW, lr <= 5e-4) from the loaded weights stays within ~1e-3 of them (the prior's
     # codebook is not an optimiser parameter: its EMA update moves it in any training step)
     moved = {k: (after["model"][k].float() - v.float()).abs().max().item() for k, v in before.items()
@@ -225,60 +180,19 @@ def test_pretrained_training_restarts_from_the_served_checkpoint(app, setup):
 
 
 # --------------------------------------------------------------------------- (b) with the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_server_lists_tasks_and_answers_infer(setup, label_server, tmp_path):
+    base = label_server.url
+    info = requests.get(f"{base}/info/", timeout=30).json()
+    assert {"anatomy_vlp_regions", "anatomy_vlp_findings"} <= set(info["models"]) and "anatomy_vlp" in info["trainers"]
 
+    image_id = setup["unlabelled"]
+    r = requests.post(f"{base}/infer/anatomy_vlp_findings", params={"image": image_id}, timeout=120)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert set(result) - {"latencies"} == RESULT_KEYS
+    assert list(result["anatomies"]) == setup["catalog"].names and result["notice"].startswith("Research use only")
 
-def test_server_lists_tasks_and_answers_infer(setup, tmp_path):
-    app_dir = tmp_path / "app"  # the server writes model/, logs/, bin/ into its app folder
-    app_dir.mkdir()
-    shutil.copy(APP_DIR / "main.py", app_dir / "main.py")
-    studies = tmp_path / "studies"
-    shutil.copytree(setup["studies"], studies, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
-    port = free_port()
-    exe = Path(sys.executable).parent / "monailabel"
-    cmd = [str(exe), "start_server", "--app", str(app_dir), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "model", str(setup["ckpt"]), "--conf", "bundle_root", str(REPO)]
-    log = open(tmp_path / "server.log", "w")
-    # the `monailabel` script runs the `python` on PATH: the environment's, as after `source .venv-label/bin/activate`
-    env = {**os.environ, "PATH": f"{exe.parent}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-           "MONAI_LABEL_SESSIONS": "false"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        info = None
-        while time.time() < deadline:
-            assert proc.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                r = requests.get(f"{base}/info/", timeout=5)
-                if r.status_code == 200:
-                    info = r.json()
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        assert info is not None, "server did not come up:\n" + (tmp_path / "server.log").read_text()[-4000:]
-        assert {"anatomy_vlp_regions", "anatomy_vlp_findings"} <= set(info["models"]) and "anatomy_vlp" in info["trainers"]
-
-        image_id = setup["unlabelled"]
-        r = requests.post(f"{base}/infer/anatomy_vlp_findings", params={"image": image_id}, timeout=120)
-        assert r.status_code == 200, r.text
-        result = r.json()
-        assert set(result) - {"latencies"} == RESULT_KEYS
-        assert list(result["anatomies"]) == setup["catalog"].names and result["notice"].startswith("Research use only")
-
-        r = requests.post(f"{base}/infer/anatomy_vlp_regions", params={"image": image_id, "output": "image"}, timeout=120)
-        assert r.status_code == 200, r.text
-        (tmp_path / "regions.nii.gz").write_bytes(r.content)
-        assert nib.load(str(tmp_path / "regions.nii.gz")).shape == nib.load(str(studies / f"{image_id}.nii.gz")).shape
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    r = requests.post(f"{base}/infer/anatomy_vlp_regions", params={"image": image_id, "output": "image"}, timeout=120)
+    assert r.status_code == 200, r.text
+    (tmp_path / "regions.nii.gz").write_bytes(r.content)
+    assert nib.load(str(tmp_path / "regions.nii.gz")).shape == nib.load(str(label_server.studies / f"{image_id}.nii.gz")).shape

@@ -12,6 +12,9 @@ onto the input grid by physical position, so both tasks call the ``Predictor`` i
   result in the params (zero-shot findings per anatomy, abnormality, boxes, report). A label map sent
   with the request (``label``) defines the regions instead of the model's own (``regions: "mask"``).
 
+Both check the request's image (and label map) with :func:`~.uploads.check_image_file` before the model
+sees it: a file that is not an image of the served model's formats is refused with HTTP 422.
+
 Both serve the app's :class:`ServedModel`: the last existing file of its ``model_paths`` (the app
 passes the configured checkpoint first and its own training output last, so a model trained in
 MONAI Label takes over once it exists), loaded once for both tasks and again when that file changes.
@@ -31,7 +34,9 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list, name_to_device
 
+from anatomy_vlp_bundle.apps.monailabel.uploads import UploadRejected, check_image_file
 from anatomy_vlp_bundle.data.catalog import Catalog, load_catalog
+from anatomy_vlp_bundle.data.readers import ImageReadError
 from anatomy_vlp_bundle.inference import Predictor
 
 __all__ = [
@@ -160,12 +165,22 @@ class AnatomyVLPInferTask(InferTask):
 
     # ------------------------------------------------------------------ request
     def _predict(self, request: Dict[str, Any], mask: Optional[str] = None, checkpoint_only: bool = False):
-        """``(predictor, prediction, seconds)`` for the request's image."""
+        """``(predictor, prediction, seconds)`` for the request's image (and label map ``mask``).
+
+        Before the model is loaded, the image must be a file of the served model's formats with a readable
+        header and the label map must decode (it is read inside the preprocessing chain, whose errors
+        are not the reader's); an image the reader cannot decode is refused too
+        (:class:`~.uploads.UploadRejected`, HTTP 4xx). Any other failure is an inference error.
+        """
         image = request.get("image")
         if not isinstance(image, str) or not image:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"{type(self).__name__}: the request has no image path")
+            raise UploadRejected(404, f"{type(self).__name__}: no image (give a datastore image id or upload a file)")
         if not os.path.exists(image):
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"image {image} does not exist")
+            raise UploadRejected(404, f"image {image} does not exist")
+        catalog = self.model.catalog()
+        check_image_file(image, "image", catalog, decode=False)
+        if mask is not None:
+            check_image_file(mask, "label", catalog, decode=True)
         predictor = self.model.predictor(name_to_device(_first(request.get("device"))))
         if checkpoint_only and predictor.kind != "checkpoint":
             raise MONAILabelException(
@@ -176,6 +191,8 @@ class AnatomyVLPInferTask(InferTask):
         start = time.time()
         try:
             pred = predictor.predict(image, mask)
+        except ImageReadError as e:
+            raise UploadRejected(422, f"not a readable image: {e}") from e
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise MONAILabelException(MONAILabelError.INFERENCE_ERROR, f"image {image}: {e}") from e
         return predictor, pred, time.time() - start
@@ -241,7 +258,7 @@ class AnatomyFindingsInfer(AnatomyVLPInferTask):
         start = time.time()
         mask = request.get("label")
         if mask is not None and not (isinstance(mask, str) and Path(mask).is_file()):
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"label {mask!r}: not a label map file")
+            raise UploadRejected(422, f"label {mask!r}: not a label map file")
         _, pred, t_predict = self._predict(request, mask)
         params = dict(pred.result)
         params["latencies"] = {"predict": round(t_predict, 3), "total": round(time.time() - start, 3)}

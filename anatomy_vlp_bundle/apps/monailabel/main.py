@@ -19,7 +19,9 @@ Tasks: infer ``anatomy_vlp_regions`` (anatomy label map), ``anatomy_vlp_findings
 result), train ``anatomy_vlp`` (the bundle's training on the final labels with the reports).
 The studies folder holds the images (NIfTI, NRRD; PNG/JPEG for CXR), ``labels/final/`` the corrected
 label maps and, optionally, a contract ``datalist.json`` (with its catalog) giving each image's
-report and findings. Research use only: not for diagnostic use.
+report and findings. Uploads are checked (:mod:`.uploads`): names with path components are refused
+(HTTP 400), files that are not images of the served model's formats too (HTTP 422). Research use
+only: not for diagnostic use.
 """
 
 import logging
@@ -27,7 +29,9 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
@@ -43,6 +47,7 @@ from anatomy_vlp_bundle.apps.monailabel.infers import (
     label_values,
 )
 from anatomy_vlp_bundle.apps.monailabel.trainers import AnatomyVLPTrainTask
+from anatomy_vlp_bundle.apps.monailabel.uploads import CheckedLocalDatastore, check_name, guard_upload_endpoints
 from anatomy_vlp_bundle.data.catalog import Catalog
 from anatomy_vlp_bundle.data.datalist import load_datalist
 
@@ -102,6 +107,35 @@ class AnatomyVLPApp(MONAILabelApp):
         if not studies.startswith("http") and datalist.is_file():
             return load_datalist(datalist).catalog()
         return None
+
+    def current_catalog(self) -> Optional[Catalog]:
+        """The served model's catalog (it changes when training replaces the model), else the studies datalist's."""
+        served = self.model.catalog()
+        return served if served is not None else self.catalog
+
+    def init_datastore(self) -> Datastore:
+        """A studies folder: MONAI Label's local datastore with checked uploads (a URL: MONAI Label's remote ones)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return CheckedLocalDatastore(
+            self.studies,
+            catalog=self.current_catalog,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def on_init_complete(self) -> None:
+        """Server start-up: upload file names are checked from the first request on."""
+        guard_upload_endpoints()
+        super().on_init_complete()
+
+    def infer(self, request: Dict[str, Any], datastore: Optional[Datastore] = None) -> Dict[str, Any]:
+        """MONAI Label's infer, refusing a ``label_tag`` with path components before inferring (with
+        ``save_label``, the result is saved under ``labels/<label_tag>/``)."""
+        if request.get("save_label"):
+            check_name(request.get("label_tag", DefaultLabelTag.ORIGINAL), "label tag")
+        return super().infer(request, datastore)
 
     def init_infers(self) -> Dict[str, InferTask]:
         tasks: Dict[str, InferTask] = {}
