@@ -12,13 +12,15 @@ enough for a model with 8 mm spacing and 8-voxel patches; the DICOM series are 3
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
+import signal
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -305,3 +307,23 @@ def mojibake_report() -> str:
     """A report decoded with the wrong encoding before it was written: Latin-1 bytes read as UTF-8
     with replacement characters."""
     return ACCENTED_REPORT.encode("latin-1").decode("utf-8", errors="replace")
+
+
+class Hang(BaseException):
+    """A fuzzing example ran past its time limit (a BaseException: a library catch-all must not swallow it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`Hang` in the main thread after ``seconds``."""
+
+    def _raise(signum, frame):
+        raise Hang(f"no answer within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -10,18 +10,16 @@ Each example runs under a hard time limit; every property is bounded (tens of ex
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import string
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import bad_inputs as bad
+from bad_inputs import time_limit
 from anatomy_vlp_bundle.data.datalist import SPLITS, DatalistError, load_datalist
 from anatomy_vlp_bundle.data.validate import ValidationReport, validate_datalist
 
@@ -36,26 +34,6 @@ FUZZ = settings(
 CATALOGS = ["ct_totalseg", "synthetic_ct", "cxr_imagenome29", "synthetic_cxr", "catalog.json", "missing.json"]
 ANATOMIES = ["liver", "spleen", "lung", "right lung", "cardiac silhouette", "kidney", ""]
 FINDINGS = ["hypodense lesion", "steatosis", "pleural effusion", "lymphadenopathy", "nodule"]
-
-
-class Hang(BaseException):
-    """An example ran past :data:`TIME_LIMIT` (a BaseException: the validator's catch-all must not swallow it)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`Hang` in the main thread after ``seconds``."""
-
-    def _raise(signum, frame):
-        raise Hang(f"no answer within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # --------------------------------------------------------------------------- strategies

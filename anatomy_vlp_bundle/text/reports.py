@@ -138,6 +138,28 @@ def _split_chunk(chunk: str) -> list[str]:
     return out
 
 
+#: Longer "sentences" (run-ons without punctuation, pasted tables, adversarial input) are cut into
+#: pieces of at most this many characters, at a comma, semicolon or space: the cue scopes of one
+#: sentence cost time quadratic in its length, and a real report sentence is far shorter.
+MAX_SENTENCE_CHARS = 1000
+
+
+def _bound_length(s: str) -> list[str]:
+    """``s`` in pieces of at most :data:`MAX_SENTENCE_CHARS`, cut at the last ``,``/``;``/space before the limit."""
+    pieces = []
+    while len(s) > MAX_SENTENCE_CHARS:
+        window = s[:MAX_SENTENCE_CHARS]
+        cut = max(window.rfind(","), window.rfind(";"))
+        if cut < MAX_SENTENCE_CHARS // 2:
+            cut = window.rfind(" ")
+        if cut <= 0:
+            cut = MAX_SENTENCE_CHARS - 1
+        pieces.append(s[: cut + 1])
+        s = s[cut + 1 :]
+    pieces.append(s)
+    return pieces
+
+
 def _clean_sentence(s: str) -> str:
     s = re.sub(r"\s+", " ", s).strip()
     # a sentence may start with list markers ("1.", "2)", "-"), sometimes several after a split
@@ -182,7 +204,8 @@ def split_sentences(text: str) -> list[str]:
 
     Robust to section headers (``FINDINGS:``, ``IMPRESSION:``; history/indication/technique/
     comparison sections are dropped), wrapped lines, numbered or bulleted lists, decimals
-    (``2.5 cm``) and abbreviations (``Dr.``, ``e.g.``, ``vs.``).
+    (``2.5 cm``) and abbreviations (``Dr.``, ``e.g.``, ``vs.``). Run-ons longer than
+    :data:`MAX_SENTENCE_CHARS` are cut into pieces.
     """
     if not text or not text.strip():
         return []
@@ -200,9 +223,10 @@ def split_sentences(text: str) -> list[str]:
             continue
         for para in _paragraphs(body):
             for piece in _split_chunk(para):
-                s = _clean_sentence(piece)
-                if re.search(r"[A-Za-z]", s):
-                    out.append(s)
+                for part in _bound_length(_clean_sentence(piece)):
+                    s = _clean_sentence(part)
+                    if re.search(r"[A-Za-z]", s):
+                        out.append(s)
     return out
 
 
