@@ -37,8 +37,8 @@ CXR_SIZE = (64, 48)  # width, height
 GIANT_SHAPE = (100_000, 100_000, 1_000)
 
 SLICE_GAP_MM = 8.0
-_CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
-_CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"
+CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"
 
 
 # --------------------------------------------------------------------------- writers
@@ -61,40 +61,52 @@ def _body(shape: Sequence[int], seed: int) -> np.ndarray:
     return vol
 
 
-def write_dicom_slice(path: Path, pixels: np.ndarray, modality: str = "CT", position: Sequence[float] | None = None,
-                      series_uid: str | None = None, study_uid: str | None = None, instance: int = 1) -> Path:
-    """One uncompressed 16-bit DICOM image (CT SOP class for CT/MR, CR otherwise); ``position`` adds
-    ImagePositionPatient / ImageOrientationPatient (axial), PixelSpacing 4 mm."""
-    sop = _CT_SOP_CLASS if modality in ("CT", "MR") else _CR_SOP_CLASS
+def write_dicom(path: Path, pixels: np.ndarray, sop_class: str = CR_SOP_CLASS, **tags) -> Path:
+    """Write an uncompressed single-frame DICOM (pydicom 2.4 and 3 compatible)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     if int(pydicom.__version__.split(".")[0]) < 3:
         ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID = sop
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = modality
-    ds.InstanceNumber = instance
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.PixelSpacing = [CT_SPACING, CT_SPACING]
-    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-    if position is not None:
-        ds.ImagePositionPatient = [float(v) for v in position]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SliceThickness = SLICE_GAP_MM
-    ds.PixelData = np.ascontiguousarray(pixels.astype(np.int16)).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.StudyInstanceUID = tags.pop("StudyInstanceUID", generate_uid())
+    ds.SeriesInstanceUID = tags.pop("SeriesInstanceUID", generate_uid())
+    ds.Modality = tags.pop("Modality", "CR")
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    ds.PhotometricInterpretation = tags.pop("PhotometricInterpretation", "RGB" if pixels.ndim == 3 else "MONOCHROME2")
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     ds.save_as(str(path))
     return path
+
+
+
+def write_dicom_slice(path: Path, pixels: np.ndarray, modality: str = "CT", position: Sequence[float] | None = None,
+                      series_uid: str | None = None, study_uid: str | None = None, instance: int = 1) -> Path:
+    """One uncompressed 16-bit DICOM image (CT SOP class for CT/MR, CR otherwise); ``position`` adds
+    ImagePositionPatient / ImageOrientationPatient (axial), PixelSpacing 4 mm."""
+    tags: dict[str, Any] = {"Modality": modality, "InstanceNumber": instance, "PixelSpacing": [CT_SPACING, CT_SPACING],
+                            "RescaleIntercept": 0, "RescaleSlope": 1}
+    if series_uid:
+        tags["SeriesInstanceUID"] = series_uid
+    if study_uid:
+        tags["StudyInstanceUID"] = study_uid
+    if position is not None:
+        tags.update(ImagePositionPatient=[float(v) for v in position], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                    SliceThickness=SLICE_GAP_MM)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sop = CT_SOP_CLASS if modality in ("CT", "MR") else CR_SOP_CLASS
+    return write_dicom(path, pixels.astype(np.int16), sop, **tags)
 
 
 def ct_series(folder: Path, z_positions: Sequence[float] | None = None, modality: str = "CT", size: int = 32) -> Path:

@@ -13,8 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from anatomy_vlp_bundle.data.readers import (
     CXRReader,
@@ -23,43 +22,13 @@ from anatomy_vlp_bundle.data.readers import (
     load_mask_image,
     load_study_image,
 )
+from bad_inputs import CR_SOP_CLASS, CT_SOP_CLASS, write_dicom as _dicom
 
 PYDICOM_FILES = Path(os.path.dirname(pydicom.__file__)) / "data" / "test_files"
 LUMA = np.array([0.299, 0.587, 0.114])
-CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
-CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _dicom(path: Path, pixels: np.ndarray, sop_class: str = CR_SOP_CLASS, **tags) -> Path:
-    """Write an uncompressed single-frame DICOM (pydicom 2.4 and 3 compatible)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    if int(pydicom.__version__.split(".")[0]) < 3:
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = tags.pop("StudyInstanceUID", generate_uid())
-    ds.SeriesInstanceUID = tags.pop("SeriesInstanceUID", generate_uid())
-    ds.Modality = tags.pop("Modality", "CR")
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
-    ds.PhotometricInterpretation = tags.pop("PhotometricInterpretation", "RGB" if pixels.ndim == 3 else "MONOCHROME2")
-    if pixels.ndim == 3:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-    for k, v in tags.items():
-        setattr(ds, k, v)
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    ds.save_as(str(path))
-    return path
-
-
 def _ct_volume(shape=(6, 5, 4)) -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.integers(-1000, 1500, size=shape).astype(np.int16)
