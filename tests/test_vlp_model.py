@@ -577,26 +577,3 @@ def test_interior_prior_cells_leave_out_cells_on_the_region_border():
         counts[cells] = int((out["patch_error"][0, 0] > 0).sum())
     assert counts["any"] == 6 * 4 * 4
     assert counts["interior"] == 4 * 4 * 4
-
-
-@pytest.mark.parametrize("spatial_dims", [3, 2])
-def test_mask_refine_gives_input_grid_masks_that_start_as_the_fine_ones(spatial_dims):
-    from anatomy_vlp_bundle.networks.heads import upsample_mask_logits
-
-    base = tiny_model(spatial_dims).eval()
-    refined = tiny_model(spatial_dims, mask_refine=4).eval()
-    missing, unexpected = refined.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("seg_head.refine.") for k in missing)
-    size = tuple(base.backbone.img_size)
-    image = torch.rand((2, 1) + size)
-    with torch.no_grad():
-        fine = base(image)["mask_logits"]
-        full = refined(image)["mask_logits"]
-    assert tuple(fine.shape[2:]) != size and tuple(full.shape[2:]) == size
-    # the pointwise stage's output layer starts at zero: the upsampled fine logits
-    torch.testing.assert_close(full, upsample_mask_logits(fine, list(size)))
-    # and it learns: a gradient reaches it through the mask loss path
-    refined.train()
-    out = refined(image)
-    out["mask_logits"].square().mean().backward()
-    assert refined.seg_head.refine[2].weight.grad.abs().sum() > 0

@@ -202,19 +202,9 @@ class SegmentationHead(nn.Module):
         hidden: channels of the coarse map.
         fine: channels of the fine maps.
         early_channels: channels of the first stem stage's features passed as ``early`` (0: none).
-        refine: channels of a full-resolution stage (0: none). The fused fine features, upsampled to
-            the input grid, and the image with its 3x3 local mean go through a pointwise
-            ``conv1x1 -> GELU -> conv1x1`` whose output is added to the upsampled fine logits: a learned
-            guided upsampling that can move a border by one input voxel from the voxel's own
-            intensity, at the cost of pointwise layers only (a 3x3 stage at the input resolution would
-            cost about as much as the rest of a training step on a CPU). Why: the image-only region
-            statistics are taken over these masks, and fine-grid masks upsampled to the input grid
-            carry a border shell of neighbouring tissue (measured on the synthetic CT test split: the
-            intensity spread inside them is 2-3x that inside the given masks).
 
     ``forward(image (B, C, *S), stem_features (B, C_s, *G), patch_tokens (B, N, D), grid, early)`` ->
-    ``(B, M, *S // fine_stride)`` logits, or ``(B, M, *S)`` with ``refine`` (``early`` is resampled to
-    the fine grid if its size differs).
+    ``(B, M, *S // fine_stride)`` logits (``early`` is resampled to the fine grid if its size differs).
     """
 
     def __init__(
@@ -228,11 +218,9 @@ class SegmentationHead(nn.Module):
         hidden: int = 48,
         fine: int = 16,
         early_channels: int = 0,
-        refine: int = 0,
     ) -> None:
         super().__init__()
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-        self.spatial_dims = int(spatial_dims)
         self.interp_mode = "trilinear" if spatial_dims == 3 else "bilinear"
         stride = [4] * spatial_dims if stem_stride is None else [int(s) for s in stem_stride]
         self.fine_stride: List[int] = [max(1, s // 2) for s in stride]
@@ -247,16 +235,6 @@ class SegmentationHead(nn.Module):
             nn.GELU(),
             conv(fine, num_anatomies, kernel_size=1),
         )
-        self.refine_channels = int(refine)
-        self.refine: Optional[nn.Module] = None
-        if self.refine_channels > 0:
-            self.refine = nn.Sequential(
-                conv(fine + 2 * in_channels, self.refine_channels, kernel_size=1),
-                nn.GELU(),
-                conv(self.refine_channels, num_anatomies, kernel_size=1),
-            )
-            nn.init.zeros_(self.refine[2].weight)  # starts as the upsampled fine logits
-            nn.init.zeros_(self.refine[2].bias)
 
     def forward(
         self,
@@ -286,21 +264,7 @@ class SegmentationHead(nn.Module):
             if [int(s) for s in skip.shape[2:]] != fine_size:
                 skip = F.interpolate(skip, size=fine_size, mode=self.interp_mode, align_corners=False)
             parts.append(skip)
-        if self.refine is None:
-            return self.fuse(torch.cat(parts, dim=1))
-        hidden = self.fuse[1](self.fuse[0](torch.cat(parts, dim=1)))
-        logits = self.fuse[2](hidden)
-        full: List[int] = []
-        for s in image.shape[2:]:
-            full.append(int(s))
-        x = image.to(hidden.dtype)
-        if self.spatial_dims == 3:
-            local = F.avg_pool3d(x, 3, 1, 1, count_include_pad=False)
-        else:
-            local = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-        hidden_up = F.interpolate(hidden, size=full, mode=self.interp_mode, align_corners=False)
-        logits_up = F.interpolate(logits, size=full, mode=self.interp_mode, align_corners=False)
-        return logits_up + self.refine(torch.cat([hidden_up, x, local], dim=1))
+        return self.fuse(torch.cat(parts, dim=1))
 
 
 def upsample_mask_logits(logits: torch.Tensor, size: List[int]) -> torch.Tensor:

@@ -312,8 +312,6 @@ class AnatomyVLPModel(nn.Module):
         segmentation: a per-anatomy mask head at half the stem stride (:class:`SegmentationHead`,
             output ``mask_logits``): image-only region statistics are taken over the predicted
             masks instead of the boxes. Without ``conv_stem`` the stem grid is the token grid.
-        mask_refine: channels of the mask head's full-resolution pointwise stage (0: none; the masks
-            then come at half the stem stride): see :class:`SegmentationHead`.
         stats_from_prediction: in training with given masks, the fraction of samples whose region
             statistics come from the predicted masks instead (so the fusion learns the statistics it
             will see image-only; detached, the masks are trained by the ``detection.mask`` loss).
@@ -356,7 +354,6 @@ class AnatomyVLPModel(nn.Module):
         path_dropout: float = 0.5,
         prompt_adapter: bool = True,
         segmentation: bool = True,
-        mask_refine: int = 0,
         stats_from_prediction: float = 0.25,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
@@ -426,7 +423,6 @@ class AnatomyVLPModel(nn.Module):
             "path_dropout": path_dropout,
             "prompt_adapter": prompt_adapter,
             "segmentation": segmentation,
-            "mask_refine": mask_refine,
             "stats_from_prediction": stats_from_prediction,
             "mask_guided_attention": mask_guided_attention,
             "dropout": dropout,
@@ -490,7 +486,7 @@ class AnatomyVLPModel(nn.Module):
         if segmentation:
             self.seg_head = SegmentationHead(
                 dims, self.backbone.stem_channels, hidden_size, m, self.backbone.stem_stride, in_channels,
-                early_channels=self.backbone.early_channels, refine=mask_refine,
+                early_channels=self.backbone.early_channels,
             )
         self.region_proj = RegionFusion(
             self.pooling.out_dim,
@@ -687,8 +683,7 @@ class AnatomyVLPModel(nn.Module):
 
             - ``cls_emb`` (B, E), ``region_emb`` (B, M, E), ``region_emb_view2`` (B, M, E): unit vectors;
             - ``boxes`` (B, M, 2d) normalised (cx, cy, [cz], w, h, [d]); ``presence_logits`` (B, M);
-              ``mask_logits`` (B, M, *S // (stem_stride / 2)), or (B, M, *S) with ``mask_refine``, anatomy mask
-              logits (empty without the head);
+              ``mask_logits`` (B, M, *S // (stem_stride / 2)) anatomy mask logits (empty without the head);
             - ``zero_shot_logits`` (B, M, F) (0 on padding), ``study_logits`` (B, S);
             - ``anatomy_score`` (B, M) worst patch error, ``abnormality`` (B, M) in [0, 1] (prior:
               calibrated percentile, or ``score / (1 + score)`` before calibration; no prior: the
