@@ -111,6 +111,32 @@ def test_evaluate_writes_metrics_and_roc(trained_ct, session_dirs):
 
 
 
+def test_transfer_config_measures_retrieval_and_report_generation(trained_ct, session_dirs):
+    from anatomy_vlp_bundle.data.datalist import load_datalist
+    from anatomy_vlp_bundle.text.reports import split_sentences
+
+    root, _ = trained_ct
+    ov = ct_overrides(root, session_dirs["text"], session_dirs["ct"])
+    run_workflow([TRAIN, str(CONFIGS / "transfer.yaml")], workflow_type="eval", **ov)
+    out = root / "eval" / "transfer"
+    metrics = json.loads((out / "metrics.json").read_text())
+    dl = load_datalist(session_dirs["ct"] / "datalist.json")
+    n_test = len(dl.records("test"))
+    assert metrics["cases"] == n_test and metrics["retrieval"]["cases"] <= n_test
+    for space in ("regions", "global_cls"):
+        for rec in metrics["retrieval"][space].values():
+            assert 0.0 <= rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= 1.0
+    gen = metrics["report_generation"]
+    assert 0.0 <= gen["bleu4"] <= 1.0 and 0.0 <= gen["rouge_l"] <= 1.0 and gen["cases"] == n_test
+    reports = json.loads((out / "generated_reports.json").read_text())
+    assert [r["id"] for r in reports] == [r["id"] for r in dl.records("test")]
+    # the sentence bank is the training split's: every generated sentence comes from a training report
+    train_sentences = {s for r in dl.records("training") for s in split_sentences(r.get("report", ""))}
+    generated = [s for r in reports for s in split_sentences(r["generated"])]
+    assert generated and set(generated) <= train_sentences
+    assert (out / "metrics.md").read_text().startswith("Retrieval on")
+
+
 def test_infer_batch_and_ckpt_export_from_the_trained_checkpoint(trained_ct, session_dirs, tmp_path):
     """`run inference` on the test split, then `ckpt_export network_def` with configs/inference.yaml:
     the .ts carries the training preprocessing and gives the checkpoint's image-only results."""

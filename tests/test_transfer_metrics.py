@@ -87,7 +87,9 @@ class StubModel(torch.nn.Module):
 
     def forward(self, image, anatomy=None, normal=None, regions="auto"):
         idx = image.flatten(1)[:, 0].long()
-        return {"region_emb": self.region[idx], "cls_emb": self.region[idx, 0]}
+        m = self.region.shape[1]
+        return {"region_emb": self.region[idx], "cls_emb": self.region[idx, 0],
+                "zero_shot_logits": torch.zeros(len(idx), m, 2), "presence_logits": torch.zeros(len(idx), m)}
 
     def adapt_prompts(self, emb):
         return 2.0 * emb

@@ -117,12 +117,15 @@ def embed_for_retrieval(
 
     Returns:
         ``{"id": [...], "region_emb" (N, M, E), "sentence_emb" (N, M, E), "sentence_valid" (N, M),
-        "cls_emb" (N, E), "report_emb" (N, E)}`` on the CPU; ``report_emb`` is the frozen embedding
-        of :func:`report_texts` through ``model.adapt_prompts`` (the global loss's text path).
+        "cls_emb" (N, E), "report_emb" (N, E), "zero_shot_probs" (N, M, F), "presence" (N, M),
+        "report": [...]}`` on the CPU; ``report_emb`` is the frozen embedding of :func:`report_texts`
+        through ``model.adapt_prompts`` (the global loss's text path); ``report`` is each record's
+        report text (empty when the batch has none).
     """
     model = model.to(device).eval()
     ids: list[str] = []
-    region, sentence, valid, cls, report = [], [], [], [], []
+    region, sentence, valid, cls, report, probs, presence = [], [], [], [], [], [], []
+    reports: list[str] = []
     for batch in batches:
         anatomy = None if regions == "predicted" else batch.get("anatomy")
         out = model(batch["image"].to(device), None if anatomy is None else anatomy.to(device), None, regions=regions)
@@ -134,9 +137,12 @@ def embed_for_retrieval(
         sentence.append(targets["sentence_emb"].float().cpu())
         valid.append(targets["sentence_valid"].cpu())
         report.append(model.adapt_prompts(report_emb).float().cpu())
+        probs.append(torch.sigmoid(out["zero_shot_logits"].float()).cpu())
+        presence.append(torch.sigmoid(out["presence_logits"].float()).cpu())
         n = int(batch["image"].shape[0])
         batch_ids: Optional[Sequence[str]] = batch.get("id")
         ids += [str(x) for x in batch_ids] if batch_ids is not None else [str(len(ids) + i) for i in range(n)]
+        reports += [str(r or "") for r in (batch.get("report") or [""] * n)]
     if not region:
         raise ValueError("embed_for_retrieval: no batch to embed")
     return {
@@ -146,4 +152,7 @@ def embed_for_retrieval(
         "sentence_valid": torch.cat(valid),
         "cls_emb": torch.cat(cls),
         "report_emb": torch.cat(report),
+        "zero_shot_probs": torch.cat(probs),
+        "presence": torch.cat(presence),
+        "report": reports,
     }
