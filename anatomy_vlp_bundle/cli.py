@@ -16,6 +16,7 @@ def _commands() -> dict:
     from .prepare import prepare_command
     from .synthetic import synth_command
     from .text.reports import parse_report_command
+    from .transfer.suite import transfer_command
 
     return {
         "validate": validate_command,
@@ -26,6 +27,7 @@ def _commands() -> dict:
         "synth": synth_command,
         "parse-report": parse_report_command,
         "prepare": prepare_command,
+        "transfer": transfer_command,
         "parse_report": parse_report_command,
     }
 

@@ -362,3 +362,28 @@ def test_plain_patch_embedding_loads_its_earlier_state_dict_key():
     other = tiny_vit(conv_stem=False).eval()
     other.load_state_dict(legacy)  # strict
     assert torch.equal(other.stem[0].weight, model.stem[0].weight)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_hidden_states_on_request(spatial_dims):
+    """``return_hidden`` adds every block's patch tokens (before the final norm) and changes nothing else;
+    the scripted model returns the same."""
+    model = tiny_vit(spatial_dims, img_size=(32,) * spatial_dims, patch_size=8, num_layers=3).eval()
+    x = torch.rand(2, 1, *(32,) * spatial_dims)
+    n = 4**spatial_dims
+    with torch.no_grad():
+        plain, hidden = model(x), model(x, None, True)
+    assert set(plain) == set(KEYS) and set(hidden) == set(KEYS) | {"hidden_states"}
+    for k in KEYS:
+        torch.testing.assert_close(hidden[k], plain[k], rtol=0, atol=0)
+    states = hidden["hidden_states"]
+    assert states.shape == (3, 2, n, 24)
+    torch.testing.assert_close(model.norm(states[-1]), plain["patch_tokens"])
+    assert not torch.allclose(states[0], states[1])  # one entry per block, not copies
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        got = scripted(x, None, True)
+    torch.testing.assert_close(got["hidden_states"], states)
+    assert "hidden_states" not in scripted(x)

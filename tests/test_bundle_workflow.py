@@ -137,6 +137,49 @@ def test_transfer_config_measures_retrieval_and_report_generation(trained_ct, se
     assert (out / "metrics.md").read_text().startswith("Retrieval on")
 
 
+def test_transfer_suite_runs_every_evaluation_into_one_folder(trained_ct, session_dirs):
+    """`run transfer_suite` (quick budget) on a tiny transfer set generated on first use: every table
+    row, plot and the lesion task are there, and the numbers are in range."""
+    from monai.bundle import run
+
+    from anatomy_vlp_bundle.data.catalog import load_catalog
+
+    root, _ = trained_ct
+    data = session_dirs["base"] / "transfer_data"
+    ov = ct_overrides(root, session_dirs["text"], session_dirs["ct"], transfer_quick=True, transfer_dataset_dir=str(data),
+                      transfer_budget={"synthetic": {"n": 16, "seed": 1, **CT_GRID, "progress": False}})
+    run("transfer_suite", config_file=[TRAIN, str(CONFIGS / "transfer.yaml")], **ov)
+    out = root / "eval" / "transfer_suite"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (data / "lesion_datalist.json").is_file()  # generated with lesion masks
+    rows = metrics["classification"]["label_efficiency"]
+    assert {(r["mode"], r["init"], r["fraction"]) for r in rows} == {
+        (m, i, f) for m in ("linear probe", "fine-tune (LP-FT)") for i in ("pretrained", "scratch") for f in (0.5, 1.0)}
+    assert all(r["mean_auc"] is None or 0.0 <= r["mean_auc"] <= 1.0 for r in rows)
+    assert [r["train_cases"] for r in rows if r["mode"] == "linear probe" and r["init"] == "scratch"] == [
+        round(0.5 * metrics["cases"]["training"]), metrics["cases"]["training"]]
+    other = metrics["classification"]["other_catalog"]
+    assert other["catalog"] == "ct_totalseg" and set(other["mapped_by_name"]) == set(load_catalog("synthetic_ct").names)
+    assert "trachea" in other["new"] and len(other["runs"]) == 2
+    seg = metrics["segmentation"]
+    assert {r["task"] for r in seg} == {"anatomy", "lesion"} and len(seg) == 8
+    assert all(0.0 <= r["mean_dice"] <= 1.0 for r in seg)
+    assert set(seg[0]["per_channel"]) == set(load_catalog("synthetic_ct").names)
+    assert [r["train_cases"] for r in seg if r["labelled"] == "few"] == [2, 2]
+    for rec in metrics["retrieval"]["regions"].values():
+        assert 0.0 <= rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= 1.0
+    md = (out / "transfer.md").read_text()
+    assert "### Classification" in md and "### Segmentation" in md and "### Retrieval" in md
+    assert all((out / f).stat().st_size > 1000 for f in ("label_efficiency.png", "segmentation_dice.png", "retrieval.png"))
+
+
+def test_transfer_command_names_a_missing_checkpoint(tmp_path):
+    from anatomy_vlp_bundle.cli import main
+
+    with pytest.raises(SystemExit, match="transfer: .*nope.pt"):
+        main(["transfer", "--checkpoint", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "out")])
+
+
 def test_infer_batch_and_ckpt_export_from_the_trained_checkpoint(trained_ct, session_dirs, tmp_path):
     """`run inference` on the test split, then `ckpt_export network_def` with configs/inference.yaml:
     the .ts carries the training preprocessing and gives the checkpoint's image-only results."""

@@ -456,13 +456,16 @@ class AnatomyViT(nn.Module):
         """Token grid (tokens per axis) for an input of ``spatial_shape``."""
         return [int(s) // p for s, p in zip(spatial_shape, self.patch_size)]
 
-    def forward(self, image: torch.Tensor, region_token_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, region_token_mask: Optional[torch.Tensor] = None, return_hidden: bool = False
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             image: ``(B, in_channels, *S)``, every ``S[a]`` a multiple of ``patch_size[a]``.
             region_token_mask: optional ``(B, M, N)`` bool, tokens of each anatomy's region (e.g. from
                 :func:`masks_to_token_mask`); restricts each query's attention to [CLS], itself and
                 its region (an empty region leaves the query unrestricted).
+            return_hidden: also return every block's patch tokens (for decoders such as UNETR's).
 
         Returns:
             dict of tensors:
@@ -471,7 +474,9 @@ class AnatomyViT(nn.Module):
             (``out["grid"].tolist()``); ``stem_features`` ``(B, C_s, *S // stem_stride)``: the stem's
             early per-patch features (the patch embedding itself when ``conv_stem=False``);
             ``stem_early`` ``(B, early_channels, *S // early_stride)``: the first stem stage's output
-            (the stem features when ``conv_stem=False``).
+            (the stem features when ``conv_stem=False``); only with ``return_hidden``:
+            ``hidden_states`` ``(num_layers, B, N, D)``, the patch tokens after each block (before
+            the final norm).
         """
         if image.dim() != self.spatial_dims + 2:
             raise ValueError(
@@ -531,11 +536,14 @@ class AnatomyViT(nn.Module):
                 )
             attn_mask = query_attention_mask(region_token_mask)
 
+        hidden: List[torch.Tensor] = []
         for blk in self.blocks:
             x = blk(x, attn_mask)
+            if return_hidden:
+                hidden.append(x[:, 1 + m :])
         x = self.norm(x)
 
-        return {
+        out = {
             "cls": x[:, 0],
             "queries": x[:, 1 : 1 + m],
             "patch_tokens": x[:, 1 + m :],
@@ -543,6 +551,9 @@ class AnatomyViT(nn.Module):
             "stem_features": stem,
             "stem_early": early,
         }
+        if return_hidden:
+            out["hidden_states"] = torch.stack(hidden)
+        return out
 
     # ------------------------------------------------------------------------------------- loading
     def _load_from_state_dict(

@@ -15,7 +15,9 @@ Coordinates. The anatomy is laid out in *canonical* millimetres, RAS+ (``+x`` pa
 phantom per axis to its field of view (focal lesions too), so reduced grids in tests hold the same
 anatomy. Volumes are built as RAS arrays (array axes i, j, k = x, y, z) and then written in the
 case's stored orientation (about 20% of images are not RAS, about 10% of masks have axes flipped
-relative to their image; the affines say so), so readers must use physical positions.
+relative to their image; the affines say so), so readers must use physical positions. On request
+(``lesion_masks``) the focal lesions' footprints are written as a second label map with its own
+catalog and datalist, for lesion segmentation.
 
 Label values are TotalSegmentator v2 ``total`` ids (spleen 1, kidneys 2/3, gallbladder 4, liver 5,
 stomach 6, pancreas 7, lung lobes 10-14, vertebrae 26-44, heart 51, aorta 52), so the
@@ -64,10 +66,22 @@ __all__ = [
     "ANATOMY_LABELS",
     "CATALOG_NAME",
     "DATASET_NAME",
+    "LESION_CATALOG",
+    "LESION_DATASET_NAME",
 ]
 
 CATALOG_NAME = "synthetic_ct"
 DATASET_NAME = "synthetic-ct-v1"
+#: Catalog and datalist of the optional focal-lesion masks (``generate_ct_dataset(lesion_masks=True)``).
+LESION_CATALOG = Catalog.from_dict(
+    {
+        "name": "synthetic_ct_lesions",
+        "modality": "CT",
+        "anatomies": [{"name": "focal lesion", "labels": [1], "synonyms": ["focal lesion", "lesion"], "findings": []}],
+    },
+    source="builtin:synthetic_ct_lesions",
+)
+LESION_DATASET_NAME = "synthetic-ct-v1-lesions"
 DEFAULT_SHAPE = (80, 64, 64)
 DEFAULT_SPACING = (4.0, 4.0, 4.0)
 #: Field of view (mm) the canonical anatomy is laid out for; other grids scale it per axis.
@@ -1377,13 +1391,24 @@ def _nifti(data: np.ndarray, affine: np.ndarray, description: str) -> nib.Nifti1
     return img
 
 
-def _write_case(out_dir: Path, spec: CTCaseSpec, catalog: Catalog, shape, spacing) -> dict[str, Any]:
+def _write_case(out_dir: Path, spec: CTCaseSpec, catalog: Catalog, shape, spacing, lesion_masks: bool = False) -> dict[str, Any]:
+    """Render and write one case; returns its datalist record.
+
+    With ``lesion_masks`` also writes ``lesions/<id>.nii.gz``: uint8, 1 on the footprint of any
+    focal lesion, stored in the orientation (and with the affine) of the case's label map.
+    """
     rendered = render_ct_case(spec, shape, spacing)
     case_id = f"case_{spec.index:04d}"
     image, image_aff = _reorient(rendered.hu, rendered.affine, spec.image_axcodes)
     mask, mask_aff = _reorient(rendered.labels, rendered.affine, spec.mask_axcodes)
     _nifti(image, image_aff, "anatomy_vlp_bundle synthetic CT (HU)").to_filename(out_dir / "images" / f"{case_id}.nii.gz")
     _nifti(mask, mask_aff, "TotalSegmentator v2 total label ids").to_filename(out_dir / "masks" / f"{case_id}.nii.gz")
+    if lesion_masks:
+        footprint = np.zeros(rendered.labels.shape, dtype=np.uint8)
+        for les in rendered.lesions:
+            footprint[les.footprint] = 1
+        lesion, lesion_aff = _reorient(footprint, rendered.affine, spec.mask_axcodes)
+        _nifti(lesion, lesion_aff, "focal lesion footprints (1)").to_filename(out_dir / "lesions" / f"{case_id}.nii.gz")
     report, sentences = write_report(
         catalog, rendered.findings, np.random.default_rng(spec.report_seed),
         study_findings=rendered.study_findings or None, details=rendered.details(),
@@ -1440,10 +1465,32 @@ def _check_catalog(catalog: Catalog) -> None:
 
 
 def _generate_one(args: tuple) -> dict[str, Any]:
-    out_dir, seed, index, patient, conspicuity, prevalence, shape, spacing = args
+    out_dir, seed, index, patient, conspicuity, prevalence, shape, spacing, lesion_masks = args
     catalog = _catalog()
     spec = sample_ct_case(seed, index, patient, catalog, conspicuity=conspicuity, prevalence=prevalence)
-    return _write_case(Path(out_dir), spec, catalog, shape, spacing)
+    return _write_case(Path(out_dir), spec, catalog, shape, spacing, lesion_masks)
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A boolean option given as a bool or as command-line text (``true`` / ``false``, ``1`` / ``0``, ``yes`` / ``no``)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"synthetic CT: {name} must be true or false, got {value!r}")
+
+
+def _lesion_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The lesion datalist's record of a case: its image with the lesion mask as label map."""
+    return {
+        "id": record["id"],
+        "patient": record["patient"],
+        "image": record["image"],
+        "anatomy_mask": f"lesions/{record['id']}.nii.gz",
+    }
 
 
 def _check_args(shape, spacing, conspicuity, prevalence, workers) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -1477,6 +1524,7 @@ def generate_ct_dataset(
     workers: int = 1,
     progress: bool = True,
     prevalence: float = DEFAULT_PREVALENCE,
+    lesion_masks: bool = False,
     **kwargs,
 ) -> Path:
     """Write a synthetic CT dataset in the data-contract format.
@@ -1484,6 +1532,12 @@ def generate_ct_dataset(
     Writes ``out_dir/datalist.json`` (``synthetic-ct-v1``, modality CT, catalog ``catalog.json``),
     ``out_dir/catalog.json`` (the packaged ``synthetic_ct`` catalog), ``out_dir/images/<id>.nii.gz``
     (int16 HU) and ``out_dir/masks/<id>.nii.gz`` (uint8 TotalSegmentator label ids).
+
+    With ``lesion_masks`` also ``out_dir/lesions/<id>.nii.gz`` (uint8, 1 on the footprint of any
+    focal lesion, before scanner blur; same orientation and affine as the case's label map; all 0
+    in a case without focal lesions), ``out_dir/lesion_catalog.json`` (one anatomy, ``focal
+    lesion``, label 1, no findings) and ``out_dir/lesion_datalist.json`` (the same cases, patients,
+    splits and images, ``anatomy_mask`` = the lesion mask, no report) for lesion segmentation.
 
     Args:
         out_dir: output folder (created).
@@ -1497,6 +1551,8 @@ def generate_ct_dataset(
         workers: processes (output is identical for any number).
         progress: show a tqdm progress bar.
         prevalence: probability of each finding in each case.
+        lesion_masks: also write the focal-lesion masks and their datalist (``true`` / ``false``
+            text accepted, as from the command line); the other files are the same either way.
 
     Returns:
         The path of ``datalist.json``.
@@ -1504,19 +1560,22 @@ def generate_ct_dataset(
     if kwargs:
         raise TypeError(
             f"synthetic CT: unknown option(s) {sorted(kwargs)}; options are n_cases, seed, n_test, n_val, "
-            "conspicuity, shape, spacing, workers, progress, prevalence"
+            "conspicuity, shape, spacing, workers, progress, prevalence, lesion_masks"
         )
     n_cases = DEFAULT_N_CASES if n_cases is None else n_cases
     if int(n_cases) != n_cases:
         raise ValueError(f"synthetic CT: n_cases must be an integer, got {n_cases!r}")
     shape, spacing = _check_args(shape, spacing, float(conspicuity), float(prevalence), workers)
+    lesion_masks = _flag(lesion_masks, "lesion_masks")
     plan = split_plan(int(n_cases), seed, n_test, n_val)
     catalog = _catalog()
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    if lesion_masks:
+        (out_dir / "lesions").mkdir(exist_ok=True)
     jobs = [
-        (str(out_dir), int(seed), index, patient, float(conspicuity), float(prevalence), shape, spacing)
+        (str(out_dir), int(seed), index, patient, float(conspicuity), float(prevalence), shape, spacing, lesion_masks)
         for index, patient, _ in plan
     ]
     from tqdm.auto import tqdm
@@ -1539,4 +1598,10 @@ def generate_ct_dataset(
     for (_, _, split), rec in zip(plan, records):
         splits[split].append(rec)
     catalog.save(out_dir / "catalog.json")
+    if lesion_masks:
+        LESION_CATALOG.save(out_dir / "lesion_catalog.json")
+        write_datalist(
+            out_dir / "lesion_datalist.json", name=LESION_DATASET_NAME, modality="CT", catalog="lesion_catalog.json",
+            splits={split: [_lesion_record(r) for r in recs] for split, recs in splits.items()},
+        )
     return write_datalist(out_dir / "datalist.json", name=DATASET_NAME, modality="CT", catalog="catalog.json", splits=splits)

@@ -20,7 +20,7 @@ from ..engines.checkpoint import load_checkpoint
 from .report_generation import build_sentence_bank, generate_report, score_reports
 from .retrieval import embed_for_retrieval, global_similarity, region_similarity, retrieval_recalls
 
-__all__ = ["run_transfer_eval", "transfer_markdown"]
+__all__ = ["run_transfer_eval", "retrieval_and_generation", "transfer_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,31 @@ def run_transfer_eval(
         The metrics dict written to ``metrics.json``.
     """
     network.load_state_dict(load_checkpoint(ckpt_path)["model"])
+    metrics, generated = retrieval_and_generation(network, dataloader, sentence_targets, train_records, device, presence_threshold)
+    metrics = {"checkpoint": str(ckpt_path), **metrics}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n", encoding="utf-8")
+    (out / "metrics.md").write_text(transfer_markdown(metrics), encoding="utf-8")
+    (out / "generated_reports.json").write_text(json.dumps(generated, indent=1) + "\n", encoding="utf-8")
+    logger.info("transfer evaluation written to %s:\n%s", out, transfer_markdown(metrics))
+    return metrics
+
+
+def retrieval_and_generation(
+    network: torch.nn.Module,
+    dataloader: Iterable[Mapping[str, Any]],
+    sentence_targets: Any,
+    train_records: Sequence[Mapping[str, Any]],
+    device: torch.device | str = "cpu",
+    presence_threshold: float = 0.5,
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Retrieval Recall@K and anatomy-wise report generation of a loaded model on one split.
+
+    Returns:
+        ``(metrics, generated)``: ``metrics`` has ``cases``, ``retrieval`` and ``report_generation``;
+        ``generated`` is ``[{"id", "generated", "truth"}]`` per case.
+    """
     emb = embed_for_retrieval(network, dataloader, sentence_targets, regions="predicted", device=device)
     catalog = network.catalog
     n = len(emb["id"])
@@ -74,16 +99,8 @@ def run_transfer_eval(
     with_truth = [i for i in range(n) if emb["report"][i].strip()]
     generation = score_reports([generated[i] for i in with_truth], [emb["report"][i] for i in with_truth], catalog)
     generation["left_out_no_report"] = n - len(with_truth)
-    metrics = {"checkpoint": str(ckpt_path), "cases": n, "retrieval": retrieval, "report_generation": generation}
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n", encoding="utf-8")
-    (out / "metrics.md").write_text(transfer_markdown(metrics), encoding="utf-8")
-    (out / "generated_reports.json").write_text(json.dumps(
-        [{"id": emb["id"][i], "generated": generated[i], "truth": emb["report"][i]} for i in range(n)], indent=1) + "\n",
-        encoding="utf-8")
-    logger.info("transfer evaluation written to %s:\n%s", out, transfer_markdown(metrics))
-    return metrics
+    generated_reports = [{"id": emb["id"][i], "generated": generated[i], "truth": emb["report"][i]} for i in range(n)]
+    return {"cases": n, "retrieval": retrieval, "report_generation": generation}, generated_reports
 
 
 def transfer_markdown(metrics: Mapping[str, Any]) -> str:
