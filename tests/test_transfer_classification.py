@@ -12,6 +12,7 @@ from anatomy_vlp_bundle.data.labels import UNKNOWN
 from anatomy_vlp_bundle.networks.anatomy_vit import AnatomyViT
 from anatomy_vlp_bundle.networks.vlp_model import AnatomyVLPModel
 from anatomy_vlp_bundle.transfer.classification import (
+    L2_GRID,
     AnatomyClassifier,
     evaluate_classifier,
     extract_features,
@@ -86,15 +87,22 @@ def test_linear_probe_learns_a_separable_task_and_generalises():
     gen = torch.Generator().manual_seed(1)
     model = AnatomyClassifier(tiny_encoder(), CT)
     d = model.weight.shape[-1]
-    feats = torch.randn(240, CT.num_anatomies, d, generator=gen) * 3 + 5  # badly scaled on purpose
-    cls = torch.randn(240, d, generator=gen)
+    feats = torch.randn(280, CT.num_anatomies, d, generator=gen) * 3 + 5  # badly scaled on purpose
+    cls = torch.randn(280, d, generator=gen)
     positive = feats[:, 0, 7] > 5  # anatomy 0's feature 7 decides finding 0
     lab = labels_from(positive)
-    history = linear_probe(model, (feats[:200], cls[:200]), lab[:200], epochs=100)
+    no_study = torch.full((40, 1), float(UNKNOWN))
+    tr, va, te = slice(0, 200), slice(200, 240), slice(240, 280)
+    history = linear_probe(model, (feats[tr], cls[tr]), lab[tr], epochs=100,
+                           val_features=(feats[va], cls[va]), val_labels=(lab[va], no_study))
     assert history[-1] < 0.5 * history[0]
-    probs, _ = predict(model, features=(feats[200:], cls[200:]))
-    held_out = evaluate_classifier((probs, torch.zeros(40, 1)), (lab[200:], torch.full((40, 1), float(UNKNOWN))), CT, n_boot=0)
-    assert held_out["mean_auc"] > 0.95 and held_out["n_evaluable"] == 1
+    assert model.l2 in L2_GRID
+    probs, _ = predict(model, features=(feats[te], cls[te]))
+    held_out = evaluate_classifier((probs, torch.zeros(40, 1)), (lab[te], no_study), CT, n_boot=0)
+    assert held_out["mean_auc"] > 0.9 and held_out["n_evaluable"] == 1
+    # without a validation split the first penalty is used
+    linear_probe(model, (feats[tr], cls[tr]), lab[tr], epochs=5, l2=(0.5, 1e-3))
+    assert model.l2 == 0.5
 
 
 def test_fine_tune_trains_encoder_and_heads_on_images():

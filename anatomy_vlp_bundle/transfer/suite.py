@@ -50,7 +50,7 @@ PARTS = ("classification", "segmentation", "retrieval")
 DEFAULTS: dict[str, Any] = {
     "fractions": (0.05, 0.2, 1.0),
     "probe_epochs": 300,
-    "finetune_steps": 150,
+    "finetune_steps": 100,
     "batch_size": 4,
     "seg_steps": 40,
     "seg_batch_size": 2,
@@ -117,11 +117,12 @@ def classification_runs(
             idx = subset_indices(n, fraction, seed)
             model = AnatomyClassifier(base.encoder, catalog)
             tr_f = tuple(f[idx] for f in feats[0])
-            _, secs = _timed(linear_probe, model, tr_f, *_labels(train, idx), epochs=probe_epochs, seed=seed)
+            _, secs = _timed(linear_probe, model, tr_f, *_labels(train, idx), epochs=probe_epochs,
+                             val_features=feats[1], val_labels=_labels(val), seed=seed)
             probes[fraction] = model
             metrics = evaluate_classifier(predict(model, features=feats[2]), _labels(test), catalog,
                                           predict(model, features=feats[1]), _labels(val), n_boot=n_boot, seed=seed)
-            rows.append(_row("linear probe", init, fraction, len(idx), metrics, secs + t_feat))
+            rows.append(_row("linear probe", init, fraction, len(idx), metrics, secs + t_feat, l2=model.l2))
             logger.info("classification %s", rows[-1])
         for fraction in fractions:
             # LP-FT: the whole network fine-tuned from the probe of the same subset (a fresh head on
@@ -139,9 +140,10 @@ def classification_runs(
     return rows
 
 
-def _row(mode: str, init: str, fraction: float, n_cases: int, metrics: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+def _row(mode: str, init: str, fraction: float, n_cases: int, metrics: Mapping[str, Any], seconds: float,
+         **extra: Any) -> dict[str, Any]:
     return {
-        "mode": mode, "init": init, "fraction": float(fraction), "train_cases": int(n_cases),
+        "mode": mode, "init": init, "fraction": float(fraction), "train_cases": int(n_cases), **extra,
         "mean_auc": metrics.get("mean_auc"), "mean_auc_ci": metrics.get("mean_auc_ci"),
         "mean_f1": metrics.get("mean_f1"), "mean_balanced_accuracy": metrics.get("mean_balanced_accuracy"),
         "n_evaluable": metrics.get("n_evaluable"), "seconds": round(float(seconds), 1),
@@ -173,8 +175,8 @@ def other_catalog_run(
     for init in ("pretrained", "scratch"):
         model = AnatomyClassifier(load_encoder(checkpoint, target, pretrained=init == "pretrained", seed=seed), target)
         # LP-FT as for the label-efficiency runs: the heads probed on the frozen features first
-        feats, t_feat = _timed(extract_features, model, train["image"], device=device)
-        linear_probe(model, feats, *mapped(train), seed=seed)
+        feats, t_feat = _timed(lambda: [extract_features(model, c["image"], device=device) for c in (train, val)])
+        linear_probe(model, feats[0], *mapped(train), val_features=feats[1], val_labels=mapped(val), seed=seed)
         _, secs = _timed(fine_tune, model, train["image"], *mapped(train), steps=finetune_steps, batch_size=batch_size,
                          seed=seed, device=device, progress=progress)
         model.cpu()
