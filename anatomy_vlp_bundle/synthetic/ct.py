@@ -48,6 +48,7 @@ from scipy import ndimage
 
 from ..data.catalog import Catalog, load_catalog
 from ..data.datalist import write_datalist
+from ..options import as_flag
 from .report_writer import write_report
 from .splits import DEFAULT_N_CASES, plan_patients
 
@@ -1471,18 +1472,6 @@ def _generate_one(args: tuple) -> dict[str, Any]:
     return _write_case(Path(out_dir), spec, catalog, shape, spacing, lesion_masks)
 
 
-def _flag(value: Any, name: str) -> bool:
-    """A boolean option given as a bool or as command-line text (``true`` / ``false``, ``1`` / ``0``, ``yes`` / ``no``)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"synthetic CT: {name} must be true or false, got {value!r}")
-
-
 def _lesion_record(record: dict[str, Any]) -> dict[str, Any]:
     """The lesion datalist's record of a case: its image with the lesion mask as label map."""
     return {
@@ -1566,7 +1555,7 @@ def generate_ct_dataset(
     if int(n_cases) != n_cases:
         raise ValueError(f"synthetic CT: n_cases must be an integer, got {n_cases!r}")
     shape, spacing = _check_args(shape, spacing, float(conspicuity), float(prevalence), workers)
-    lesion_masks = _flag(lesion_masks, "lesion_masks")
+    lesion_masks = as_flag(lesion_masks, "lesion_masks", "synthetic CT")
     plan = split_plan(int(n_cases), seed, n_test, n_val)
     catalog = _catalog()
     out_dir = Path(out_dir)

@@ -37,6 +37,7 @@ from ..data.catalog import Catalog, load_catalog
 from ..data.datalist import load_datalist
 from ..engines.checkpoint import load_checkpoint
 from ..metrics.report import to_plain
+from ..options import as_flag
 from .classification import AnatomyClassifier, evaluate_classifier, extract_features, fine_tune, linear_probe, predict
 from .data import load_cases, load_encoder, load_image_model, remap_labels, subset_indices
 
@@ -334,6 +335,7 @@ def run_transfer_suite(
     Returns:
         the metrics written to ``metrics.json``.
     """
+    quick, progress = as_flag(quick, "quick", "transfer"), as_flag(progress, "progress", "transfer")
     opts = dict(QUICK if quick else DEFAULTS)
     unknown = set(budget) - set(opts)
     if unknown:
@@ -459,6 +461,15 @@ def suite_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """``label_efficiency.png``, ``segmentation_dice.png`` and ``retrieval.png`` (what the results hold)."""
     import matplotlib
@@ -477,8 +488,9 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
                     continue
                 x = [r["fraction"] * 100 for r in rows]
                 y = [r["mean_auc"] for r in rows]
-                lo = [r["mean_auc"] - (r["mean_auc_ci"] or [r["mean_auc"]])[0] if r["mean_auc_ci"] and r["mean_auc_ci"][0] is not None else 0 for r in rows]
-                hi = [(r["mean_auc_ci"][1] - r["mean_auc"]) if r["mean_auc_ci"] and r["mean_auc_ci"][1] is not None else 0 for r in rows]
+                cis = [r["mean_auc_ci"] if r["mean_auc_ci"] and r["mean_auc_ci"][0] is not None else (a, a) for r, a in zip(rows, y)]
+                lo = [a - ci[0] for a, ci in zip(y, cis)]
+                hi = [ci[1] - a for a, ci in zip(y, cis)]
                 ax.errorbar(x, y, yerr=[lo, hi], linestyle=style, color=color, marker="o", capsize=3, label=f"{mode}, {init}")
         ax.set_xscale("log")
         ax.set_xlabel("training labels used (%)")
@@ -486,10 +498,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title("Label efficiency")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "label_efficiency.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "label_efficiency.png"))
     seg = results.get("segmentation")
     if seg:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -499,10 +508,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xticks(range(len(seg)), labels, fontsize=6)
         ax.set_ylabel("test mean Dice")
         ax.set_title("Segmentation (blue: pre-trained encoder, orange: random)")
-        fig.tight_layout()
-        written.append(out_dir / "segmentation_dice.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "segmentation_dice.png"))
     ret = results.get("retrieval")
     if ret:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -517,10 +523,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(f"Retrieval on {ret['cases']} test cases")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "retrieval.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "retrieval.png"))
     return written
 
 
