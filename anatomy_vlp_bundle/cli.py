@@ -11,6 +11,7 @@ import fire
 
 def _commands() -> dict:
     # Imported lazily so that `--help` and light commands do not pay for torch/transformers imports.
+    from .bench import bench_command
     from .data.validate import validate_command
     from .inference.batch import export_command, infer_batch_command, infer_command
     from .prepare import prepare_command
@@ -29,6 +30,7 @@ def _commands() -> dict:
         "prepare": prepare_command,
         "transfer": transfer_command,
         "parse_report": parse_report_command,
+        "bench": bench_command,
     }
 
 

@@ -19,6 +19,9 @@ Design choices (why not MONAI's ``ViT``):
   otherwise depend on. Parameter names follow MONAI's block (``norm1``, ``attn.qkv``,
   ``attn.out_proj``, ``norm2``, ``mlp.linear1``, ``mlp.linear2``, with the same qkv layout) and
   the MLP is MONAI's ``MLPBlock``, so MONAI ViT block weights map key for key.
+- Attention is ``F.scaled_dot_product_attention`` (fused kernels where the device has them) by
+  default; ``attention="math"`` computes the same explicit matmul-softmax-matmul, as a reference
+  path for benchmarks and for devices without a fused kernel (state dicts are the same).
 - The forward path is TorchScript-compatible (``torch.jit.script``): typed ``Optional``
   arguments, ``Dict[str, Tensor]`` output (the token grid is therefore returned as a tensor).
 """
@@ -41,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "AnatomyViT",
     "AnatomyTransformerBlock",
+    "ATTENTION_TYPES",
     "masks_to_token_mask",
     "query_attention_mask",
     "interpolate_pos_embed",
@@ -50,6 +54,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 POS_EMBED_TYPES = ("learnable", "sincos")
+#: ``"sdpa"``: ``F.scaled_dot_product_attention``; ``"math"``: explicit matmul-softmax-matmul.
+ATTENTION_TYPES = ("sdpa", "math")
 
 
 def _as_tuple(value: Union[int, Sequence[int]], n: int, what: str) -> tuple:
@@ -239,12 +245,23 @@ class _ConvStage(nn.Sequential):
 
 
 class _SelfAttention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``; dropout only in training."""
+    """Multi-head self-attention; dropout only in training.
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True) -> None:
+    ``attention="sdpa"`` calls ``F.scaled_dot_product_attention``; ``"math"`` computes
+    ``softmax(q k^T / sqrt(head_dim) + mask) v`` with plain matmuls (same result, every
+    intermediate materialised).
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True, attention: str = "sdpa"
+    ) -> None:
         super().__init__()
+        if attention not in ATTENTION_TYPES:
+            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {attention!r}")
+        self.attention = attention
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=qkv_bias)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
         self.attn_dropout = float(dropout)
@@ -258,9 +275,22 @@ class _SelfAttention(nn.Module):
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)  # SDPA wants the query's dtype (bf16 under autocast)
         dropout_p = self.attn_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        if self.attention == "math":
+            x = self._math_attention(q, k, v, attn_mask, dropout_p)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.drop_output(self.out_proj(x))
+
+    def _math_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], dropout_p: float
+    ) -> torch.Tensor:
+        """``(B, heads, L, head_dim)`` each -> ``(B, heads, L, head_dim)``; ``attn_mask`` additive ``(B, 1, L, L)``."""
+        scores = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B, heads, L, L)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0.0)
+        return torch.matmul(weights, v)
 
 
 class AnatomyTransformerBlock(nn.Module):
@@ -272,14 +302,21 @@ class AnatomyTransformerBlock(nn.Module):
         num_heads: attention heads (must divide ``hidden_size``).
         dropout: dropout of the attention weights, attention output and MLP (training only).
         qkv_bias: bias in the qkv projection.
+        attention: ``"sdpa"`` or ``"math"`` (see :data:`ATTENTION_TYPES`).
     """
 
     def __init__(
-        self, hidden_size: int, mlp_dim: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = True
+        self,
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        qkv_bias: bool = True,
+        attention: str = "sdpa",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size)
-        self.attn = _SelfAttention(hidden_size, num_heads, dropout, qkv_bias)
+        self.attn = _SelfAttention(hidden_size, num_heads, dropout, qkv_bias, attention)
         self.norm2 = nn.LayerNorm(hidden_size)
         self.mlp = MLPBlock(hidden_size, mlp_dim, dropout)
         self.gradient_checkpointing = False
@@ -321,6 +358,8 @@ class AnatomyViT(nn.Module):
         gradient_checkpointing: recompute block activations in backward (saves memory).
         qkv_bias: bias in the qkv projections.
         stem_channels: channels of the two stem stages (``conv_stem=True`` only).
+        attention: ``"sdpa"`` (``F.scaled_dot_product_attention``, default) or ``"math"`` (explicit
+            matmul-softmax; same result, for benchmarks and devices without fused kernels).
 
     Shapes: ``forward(image (B, in_channels, *S), region_token_mask (B, M, N) | None)`` with every
     ``S[a]`` a multiple of ``patch_size[a]``, ``grid = S // patch_size``, ``N = prod(grid)``.
@@ -344,6 +383,7 @@ class AnatomyViT(nn.Module):
         gradient_checkpointing: bool = False,
         qkv_bias: bool = True,
         stem_channels: Sequence[int] = (32, 64),
+        attention: str = "sdpa",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -358,6 +398,8 @@ class AnatomyViT(nn.Module):
             raise ValueError(f"AnatomyViT: dropout must be in [0, 1), got {dropout}")
         if num_anatomies < 1:
             raise ValueError(f"AnatomyViT: num_anatomies must be >= 1, got {num_anatomies}")
+        if attention not in ATTENTION_TYPES:
+            raise ValueError(f"AnatomyViT: attention must be one of {ATTENTION_TYPES}, got {attention!r}")
         if pos_embed not in POS_EMBED_TYPES:
             raise ValueError(f"AnatomyViT: pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}")
         if pos_embed == "sincos" and hidden_size % (2 * spatial_dims):
@@ -428,7 +470,10 @@ class AnatomyViT(nn.Module):
 
         mlp_dim = 4 * hidden_size if mlp_dim is None else mlp_dim
         self.blocks = nn.ModuleList(
-            [AnatomyTransformerBlock(hidden_size, mlp_dim, num_heads, dropout, qkv_bias) for _ in range(num_layers)]
+            [
+                AnatomyTransformerBlock(hidden_size, mlp_dim, num_heads, dropout, qkv_bias, attention)
+                for _ in range(num_layers)
+            ]
         )
         self.norm = nn.LayerNorm(hidden_size)
         self.blocks.apply(self._init_weights)

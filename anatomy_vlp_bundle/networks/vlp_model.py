@@ -329,6 +329,9 @@ class AnatomyVLPModel(nn.Module):
         global_bias_init: initial value of the learnable bias of the global [CLS] loss.
         gradient_checkpointing: recompute transformer activations in backward.
         in_channels: image channels.
+        attention: the backbone's attention: ``"sdpa"`` (``F.scaled_dot_product_attention``) or
+            ``"math"`` (explicit matmul-softmax; same result). Checkpoints saved before this
+            argument existed load with the default.
     """
 
     def __init__(
@@ -368,6 +371,7 @@ class AnatomyVLPModel(nn.Module):
         global_bias_init: float = 0.0,
         gradient_checkpointing: bool = False,
         in_channels: int = 1,
+        attention: str = "sdpa",
     ) -> None:
         super().__init__()
         cat = load_catalog(dict(catalog) if isinstance(catalog, Mapping) else catalog)
@@ -437,6 +441,7 @@ class AnatomyVLPModel(nn.Module):
             "global_bias_init": global_bias_init,
             "gradient_checkpointing": gradient_checkpointing,
             "in_channels": in_channels,
+            "attention": attention,
         }
 
         m = self.num_anatomies
@@ -455,6 +460,7 @@ class AnatomyVLPModel(nn.Module):
             conv_stem=conv_stem,
             gradient_checkpointing=gradient_checkpointing,
             stem_channels=stem_channels,
+            attention=attention,
         )
         self.box_head = BoxHead(hidden_size, dims, num_layers=box_layers)
         self.pooling = RegionPooling(hidden_size, soft_boxes=soft_boxes, detach_boxes=True)

@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "probe_epochs": 300,
     "finetune_steps": 100,
     "batch_size": 4,
-    "seg_steps": 40,
+    "seg_steps": 150,
     "seg_batch_size": 2,
     "seg_feature_size": 8,
     "seg_few_cases": 10,
