@@ -20,7 +20,7 @@ from anatomy_vlp_bundle.transfer.classification import (
     linear_probe,
     predict,
 )
-from anatomy_vlp_bundle.transfer.data import load_encoder, load_image_model, remap_labels, subset_indices
+from anatomy_vlp_bundle.transfer.data import load_encoder, load_image_model, remap_labels, remap_study_labels, subset_indices
 
 CT = load_catalog("synthetic_ct")
 TINY = {"img_size": [16, 16, 16], "patch_size": 8, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
@@ -71,6 +71,11 @@ def test_labels_move_to_another_catalog_by_name():
             else:
                 assert (out[:, i, j] == UNKNOWN).all(), (a.name, f)
     assert (out[:, other.index("trachea")] == UNKNOWN).all()  # an anatomy the source does not have
+    study = torch.tensor([[1.0], [0.0], [-1.0]])
+    moved = remap_study_labels(study, CT, other)
+    for j, f in enumerate(other.study_findings):
+        expected = study[:, 0] if f == CT.study_findings[0] else torch.full((3,), float(UNKNOWN))
+        assert torch.equal(moved[:, j], expected), f
 
 
 def test_perfect_and_inverted_classifiers_score_auc_1_and_0():

@@ -26,7 +26,7 @@ from ..data.catalog import Catalog, load_catalog
 from ..data.labels import UNKNOWN
 from ..networks.anatomy_vit import AnatomyViT, remap_anatomy_queries
 
-__all__ = ["load_image_model", "load_encoder", "encoder_kwargs", "load_cases", "remap_labels", "subset_indices"]
+__all__ = ["load_image_model", "load_encoder", "encoder_kwargs", "eval_chain", "load_cases", "remap_labels", "remap_study_labels", "subset_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,15 @@ def remap_labels(labels: torch.Tensor, source: Catalog, target: Catalog) -> torc
     return out
 
 
+def remap_study_labels(labels: torch.Tensor, source: Catalog, target: Catalog) -> torch.Tensor:
+    """``(N, S_s)`` study-finding codes -> ``(N, S_t)`` by finding name (UNKNOWN where absent)."""
+    out = torch.full((labels.shape[0], len(target.study_findings)), float(UNKNOWN), dtype=labels.dtype)
+    for j, f in enumerate(target.study_findings):
+        if f in source.study_findings:
+            out[:, j] = labels[:, list(source.study_findings).index(f)]
+    return out
+
+
 def subset_indices(n: int, fraction: float, seed: int = 0) -> torch.Tensor:
     """A seeded random subset of ``round(fraction * n)`` (at least 1) of ``range(n)``, sorted.
 
@@ -129,6 +138,18 @@ def subset_indices(n: int, fraction: float, seed: int = 0) -> torch.Tensor:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     k = max(1, int(round(fraction * n)))
     return order[:k].sort().values
+
+
+def eval_chain(catalog: Catalog | str, preprocessing: Optional[Mapping[str, Any]] = None) -> Any:
+    """The bundle's evaluation transform chain with the report parser, at a checkpoint's
+    ``preprocessing`` (``spacing``, ``roi_size``, ``hu_window``; missing keys take the defaults)."""
+    from ..data.pipeline import build_transforms
+    from ..text.reports import ParseReportd
+
+    catalog = load_catalog(catalog)
+    pre = dict(preprocessing or {})
+    kwargs = {k: tuple(pre[k]) for k in ("spacing", "roi_size", "hu_window") if pre.get(k) is not None}
+    return build_transforms(catalog, mode="eval", report_parser=ParseReportd(catalog), **kwargs)
 
 
 def load_cases(
@@ -155,13 +176,8 @@ def load_cases(
     """
     from tqdm.auto import tqdm
 
-    from ..data.pipeline import build_transforms
-    from ..text.reports import ParseReportd
-
     catalog = load_catalog(catalog)
-    pre = dict(preprocessing or {})
-    kwargs = {k: tuple(pre[k]) for k in ("spacing", "roi_size", "hu_window") if pre.get(k) is not None}
-    chain = build_transforms(catalog, mode="eval", report_parser=ParseReportd(catalog), **kwargs)
+    chain = eval_chain(catalog, preprocessing)
     out: dict[str, list] = {"image": [], "anatomy": [], "findings": [], "study_findings": [], "id": []}
     skipped: list[dict[str, str]] = []
     for rec in tqdm(records, desc=desc, unit="case", disable=not progress):

@@ -39,7 +39,7 @@ from ..engines.checkpoint import load_checkpoint
 from ..metrics.report import to_plain
 from ..options import as_flag
 from .classification import AnatomyClassifier, evaluate_classifier, extract_features, fine_tune, linear_probe, predict
-from .data import load_cases, load_encoder, load_image_model, remap_labels, subset_indices
+from .data import eval_chain, load_cases, load_encoder, load_image_model, remap_labels, remap_study_labels, subset_indices
 
 __all__ = ["run_transfer_suite", "transfer_command", "suite_markdown", "DEFAULTS", "QUICK"]
 
@@ -168,7 +168,7 @@ def other_catalog_run(
     """Fine-tuning the backbone onto ``target`` (queries by anatomy name, new anatomies fresh),
     pre-trained and from scratch (the image model's heads are bound to the pre-training catalog)."""
     def mapped(c):
-        return remap_labels(c["findings"], source, target), remap_study(c["study_findings"], source, target)
+        return remap_labels(c["findings"], source, target), remap_study_labels(c["study_findings"], source, target)
 
     shared = [a for a in target.names if a in source.names]
     out: dict[str, Any] = {"catalog": target.name, "anatomies": target.num_anatomies, "mapped_by_name": shared,
@@ -184,17 +184,6 @@ def other_catalog_run(
         metrics = evaluate_classifier(predict(model, test["image"]), mapped(test), target,
                                       predict(model, val["image"]), mapped(val), n_boot=n_boot, seed=seed)
         out["runs"].append(_row("fine-tune (LP-FT)", init, 1.0, len(train["id"]), metrics, secs + t_feat))
-    return out
-
-
-def remap_study(labels: torch.Tensor, source: Catalog, target: Catalog) -> torch.Tensor:
-    """``(N, S_s)`` study-finding codes -> ``(N, S_t)`` by finding name (UNKNOWN where absent)."""
-    from ..data.labels import UNKNOWN
-
-    out = torch.full((labels.shape[0], len(target.study_findings)), float(UNKNOWN), dtype=labels.dtype)
-    for j, f in enumerate(target.study_findings):
-        if f in source.study_findings:
-            out[:, j] = labels[:, list(source.study_findings).index(f)]
     return out
 
 
@@ -268,19 +257,14 @@ def retrieval_run(
     from torch.utils.data import DataLoader
 
     from ..data.dataset import vlp_collate
-    from ..data.pipeline import build_transforms
     from ..inference.predictor import model_from_checkpoint
     from ..text.encoder import TextEncoder
-    from ..text.reports import ParseReportd
     from ..text.targets import SentenceTargets
     from .evaluate import retrieval_and_generation
 
     model, extras = model_from_checkpoint(checkpoint_path)
     catalog = model.catalog
-    pre = extras["preprocessing"]
-    kwargs = {k: tuple(pre[k]) for k in ("spacing", "roi_size", "hu_window") if pre.get(k) is not None}
-    chain = build_transforms(catalog, mode="eval", report_parser=ParseReportd(catalog), **kwargs)
-    loader = DataLoader(Dataset(datalist.records("test"), chain), batch_size=batch_size, collate_fn=vlp_collate)
+    loader = DataLoader(Dataset(datalist.records("test"), eval_chain(catalog, extras["preprocessing"])), batch_size=batch_size, collate_fn=vlp_collate)
     targets = SentenceTargets(TextEncoder(model=text_encoder, cache_dir=cache_dir), catalog)
     return retrieval_and_generation(model, loader, targets, datalist.records("training"), device)
 
