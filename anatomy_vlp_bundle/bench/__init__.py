@@ -103,7 +103,15 @@ def bench_command(
     repeats = default_repeats if repeats is None else int(repeats)
     warmup = default_warmup if warmup is None else int(warmup)
 
+    from ..runtime import allocator_state, tune_cpu_allocator
+
+    bench_config = load_bench_config(config_file, dataset_dir)
+    tune_cpu_allocator(bench_config.cpu_allocator)  # as training does (configs: cpu_allocator)
     facts = machine_facts()
+    state = allocator_state()
+    facts["glibc allocator (anatomy_vlp_bundle/runtime.py)"] = (
+        f"mmap threshold {state['mmap_threshold']} B, trim threshold {state['trim_threshold']} B"
+        if state["applied"] else f"left as it is ({state['reason']})")
     settings = {
         "command": "python -m anatomy_vlp_bundle bench" + (" --quick" if quick else "") + (f" --only {','.join(groups)}" if only else ""),
         "quick": bool(quick),
@@ -119,7 +127,7 @@ def bench_command(
     sections: list[Section] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="anatomy_vlp_bench_") as tmp:
-        ctx = BenchContext(load_bench_config(config_file, dataset_dir), bool(quick), repeats, warmup, Path(checkpoint), Path(tmp), plots)
+        ctx = BenchContext(bench_config, bool(quick), repeats, warmup, Path(checkpoint), Path(tmp), plots)
         for group in groups:
             print(f"[bench] {group} ...", flush=True)
             start = time.perf_counter()

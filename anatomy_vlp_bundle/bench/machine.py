@@ -34,8 +34,10 @@ def _memory_total_gb() -> float | None:
 
 
 def bf16_supported() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (oneDNN's check: AVX512-BF16 or AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU runs bf16 matmuls natively (``runtime.cpu_bf16_native``)."""
+    from ..runtime import cpu_bf16_native
+
+    return cpu_bf16_native()
 
 
 def load_average() -> str:

@@ -21,7 +21,7 @@ from .context import BenchContext
 from .machine import bf16_supported, matmul_peak
 from .probe import run_probe
 from .report import Section, Table, Target, bar_chart, fmt_bytes, fmt_percent, fmt_ratio, fmt_seconds, scaling_chart, timing_cells
-from .timing import count_flops, fit_power_law, interleaved, ratio, utilisation
+from .timing import Timing, count_flops, fit_power_law, interleaved, ratio, utilisation
 from .workloads import make_step
 
 __all__ = ["run_model", "run_attention", "run_mfu", "run_scaling", "SCALING_SIZES", "SCALING_BATCH", "MFU_WIDTH"]
@@ -40,6 +40,7 @@ MIN_MFU = 0.5
 
 VIT = "MONAI ViT (fp32)"
 FULL = "full model (fp32)"
+FULL_BF16 = "full model (bf16 autocast)"
 NO_STEM = "full model, no conv stem"
 NO_PRIOR = "full model, no normality prior"
 BACKBONE = "backbone alone (fp32)"
@@ -59,6 +60,7 @@ def run_model(ctx: BenchContext) -> Section:
     steps = {
         VIT: make_step(cfg, "vit", batch, enc),
         FULL: make_step(cfg, "full", batch, enc),
+        FULL_BF16: make_step(cfg, "full", batch, enc, amp_dtype=torch.bfloat16),
         NO_STEM: make_step(cfg, "full", batch, enc, conv_stem=False),
         NO_PRIOR: make_step(cfg, "full", batch, enc, prior=None),
         BACKBONE: make_step(cfg, "backbone", batch, enc),
@@ -74,6 +76,7 @@ def run_model(ctx: BenchContext) -> Section:
          fmt_percent((t[FULL].median - t[NO_PRIOR].median) / t[FULL].median)],
     ]
     full_ratio = ratio(t[FULL], t[VIT])
+    allocator = _allocator_table(ctx)
     policy = BACKBONE_BF16 if policy_bf16 else BACKBONE
     speedup = ratio(t[VIT], t[policy])
     plot = bar_chart(ctx.plots_dir / "step_times.png", list(steps), [t[n] for n in steps],
@@ -86,7 +89,8 @@ def run_model(ctx: BenchContext) -> Section:
             "bundle's chain, eval mode). **Full model** = the bundle's training iteration (`VLPTrainIteration`) in "
             f"the config's last stage (`{steps[FULL].stage}`: its loss terms and weights, prior fitted), sentence "
             "targets and prompts from a warm embedding cache (no text model), forward + every loss term + backward "
-            "+ gradient clipping + AdamW, fp32 as the config on the CPU. **MONAI ViT** = `monai.networks.nets.ViT("
+            "+ gradient clipping + AdamW, fp32 as the config on the CPU (and under bf16 autocast, the `amp: true` "
+            "policy). **MONAI ViT** = `monai.networks.nets.ViT("
             f"hidden_size={net['hidden_size']}, mlp_dim={net.get('mlp_dim') or 4 * int(net['hidden_size'])}, "
             f"num_layers={net['num_layers']}, num_heads={net['num_heads']}, patch_size={net['patch_size']}, "
             "classification=False)` with a mean-square loss on its tokens, backward, clipping, AdamW; the backbone "
@@ -99,6 +103,7 @@ def run_model(ctx: BenchContext) -> Section:
                   caption="Extra cost of components (differences of medians, as noisy as both; without the conv stem the "
                           "normality prior and the mask head work on the coarser token grid, so the stem's line includes "
                           "their finer-grid work):"),
+            allocator,
         ],
         targets=[
             Target("full model step vs MONAI ViT step of equal backbone", f"<= {MAX_FULL_TO_VIT:.2f}x",
@@ -112,6 +117,25 @@ def run_model(ctx: BenchContext) -> Section:
         plots=[plot],
         values={"timings": t, "full_to_vit": full_ratio, "vit_to_backbone_policy": speedup},
     )
+
+
+def _allocator_table(ctx: BenchContext) -> Table:
+    """The full fp32 step in two fresh processes, one after the other: glibc's allocator as it comes,
+    and as ``cpu_allocator: true`` sets it (``runtime.tune_cpu_allocator``)."""
+    batch_file = str(ctx.batch_file(ctx.roi, ctx.batch_size))
+    rows = []
+    for label, tuned in (("glibc as it comes", False), ("`cpu_allocator: true` (runtime.py)", True)):
+        r = run_probe(ctx.probe_spec("steps", batch_file=batch_file, workload="full", cpu_allocator=tuned,
+                                     warmup=ctx.warmup, repeats=ctx.repeats))
+        t = Timing(tuple(r["step_seconds"]))
+        applied = "" if r["allocator"]["applied"] == tuned else f" (not applied: {r['allocator']['reason']})"
+        rows.append([label + applied, *timing_cells(t), fmt_seconds(r["user_seconds"]), fmt_seconds(r["system_seconds"]),
+                     f"{r['minor_faults']:,.0f}"])
+    return Table(["full model step (fp32), allocator", "median", "min - max", "user CPU per step", "kernel CPU per step",
+                  "page faults per step"], rows,
+                 caption="The glibc allocator, each in a fresh process (the rows above run with the config's setting): "
+                         "without `cpu_allocator`, every full-resolution activation above glibc's mmap threshold is "
+                         "mapped and unmapped every step, and its pages are faulted in again (kernel time).")
 
 
 # --------------------------------------------------------------------------------------------- attention

@@ -8,6 +8,9 @@ measured in a fresh one: :func:`run_probe` starts ``python -m anatomy_vlp_bundle
   (``workloads.make_step``), run one training step; reports ``rss_built`` (peak RSS after building
   model and batch), ``rss_peak`` (after the step), ``step_bytes = rss_peak - rss_built``
   (activations, gradients and optimizer state of the step) and the step's wall time.
+- ``steps``: as ``step``, then ``warmup`` untimed and ``repeats`` timed steps; reports each step's
+  wall time and, per step, the user and kernel CPU time and the minor page faults (the glibc
+  allocator comparison of the model group).
 - ``train_loop``: the training loader of the config (``FailureKeepingCacheDataset`` with its
   ``cache_rate``, ``SkippingDataset``, ``DataLoader`` with its batch size, shuffling,
   ``num_workers`` and ``vlp_collate``) feeding the training step; reports the time to fill the
@@ -120,6 +123,32 @@ def _step_probe(spec: dict[str, Any]) -> dict[str, Any]:
     return {"rss_built": built, "rss_peak": peak, "step_bytes": peak - built, "step_seconds": seconds}
 
 
+def _steps_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from .workloads import WarmCacheEncoder, load_bench_config, make_step
+
+    cfg = load_bench_config(spec["config_file"], spec["dataset_dir"])
+    encoder = WarmCacheEncoder(int(cfg.network["embed_dim"]), cfg.seed)
+    batch = torch.load(spec["batch_file"], weights_only=False)
+    step = make_step(cfg, spec["workload"], batch, encoder, **dict(spec.get("overrides") or {}))
+    for _ in range(int(spec.get("warmup", 1))):
+        step()
+    seconds: list[float] = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(max(1, int(spec.get("repeats", 3)))):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    n = len(seconds)
+    from ..runtime import allocator_state
+
+    return {"allocator": allocator_state(), "step_seconds": seconds, "user_seconds": (after.ru_utime - usage.ru_utime) / n,
+            "system_seconds": (after.ru_stime - usage.ru_stime) / n,
+            "minor_faults": (after.ru_minflt - usage.ru_minflt) / n, "rss_peak": peak_rss_bytes()}
+
+
 def _train_loop_probe(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
@@ -162,7 +191,7 @@ def _train_loop_probe(spec: dict[str, Any]) -> dict[str, Any]:
             "rss_peak": peak_rss_bytes()}
 
 
-PROBES = {"step": _step_probe, "train_loop": _train_loop_probe}
+PROBES = {"step": _step_probe, "steps": _steps_probe, "train_loop": _train_loop_probe}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -173,6 +202,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     spec = json.loads(argv[0])
     if spec.get("probe") not in PROBES:
         raise SystemExit(f"unknown probe {spec.get('probe')!r}; one of {sorted(PROBES)}")
+    from ..runtime import tune_cpu_allocator
+    from .workloads import load_bench_config
+
+    # the allocator of the run measured: the config's (as training), unless the spec says otherwise
+    allocator = spec.get("cpu_allocator")
+    if allocator is None:
+        allocator = load_bench_config(spec["config_file"], spec["dataset_dir"]).cpu_allocator
+    tune_cpu_allocator(bool(allocator))
     print(json.dumps(PROBES[spec["probe"]](spec)))
 
 

@@ -84,6 +84,7 @@ class BenchConfig:
     hard_negatives: int
     seed: int
     uncertain_as: Optional[int] = None
+    cpu_allocator: bool = True
 
     def report_parser(self) -> ParseReportd:
         """The training chain's report parser (``train#report_parser``)."""
@@ -143,6 +144,7 @@ def load_bench_config(config_file: str | Path = "configs/train.yaml", dataset_di
         hard_negatives=int(_resolve(targets.get("hard_negatives", 2), raw)),
         seed=int(_resolve(raw.get("seed", 0), raw)),
         uncertain_as=_resolve(raw.get("uncertain_as"), raw),
+        cpu_allocator=bool(_resolve(raw.get("cpu_allocator", True), raw)),
     )
 
 
@@ -222,8 +224,8 @@ class TrainingStep:
 
     Set up as ``configs/train.yaml`` does for its last stage (the alignment stage, most of a run):
     the criterion with the config's loss weights and the stage's terms, the prior fitted
-    (``fit_prior``), sentence targets from ``encoder`` (a warm cache), fp32, gradient clipping,
-    AdamW with the config's parameter groups.
+    (``fit_prior``), sentence targets from ``encoder`` (a warm cache), fp32 (or autocast to
+    ``amp_dtype``), gradient clipping, AdamW with the config's parameter groups.
 
     Args:
         cfg: the training configuration.
@@ -232,7 +234,8 @@ class TrainingStep:
         batch: the batch ``__call__`` trains on (:func:`pipeline_batch`); :meth:`run` takes any batch.
     """
 
-    def __init__(self, cfg: BenchConfig, model: AnatomyVLPModel, encoder: WarmCacheEncoder, batch: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(self, cfg: BenchConfig, model: AnatomyVLPModel, encoder: WarmCacheEncoder, batch: Optional[Mapping[str, Any]] = None,
+                 amp_dtype: Optional[torch.dtype] = None) -> None:
         criterion = build_criterion(cfg.loss_weights, uncertain_as=cfg.uncertain_as)
         schedule = StageScheduleHandler(cfg.stages, criterion, model)
         stage = schedule.apply(len(schedule.stages) - 1)
@@ -240,7 +243,8 @@ class TrainingStep:
         self.iteration = VLPTrainIteration(
             criterion,
             SentenceTargets(encoder, cfg.catalog, hard_negatives=cfg.hard_negatives, seed=cfg.seed),
-            amp=False,
+            amp=amp_dtype is not None,
+            amp_dtype=amp_dtype or torch.bfloat16,
             grad_clip=cfg.grad_clip,
             uncertain_as=cfg.uncertain_as,
         )
@@ -316,8 +320,8 @@ def make_step(cfg: BenchConfig, workload: str, batch: Mapping[str, Any], encoder
             alone) or ``"vit"`` (:func:`monai_vit`); the last two are :class:`PlainStep`.
         batch: the batch (:func:`pipeline_batch`); ``vit`` and ``backbone`` use its image only.
         encoder: the text side.
-        amp_dtype: autocast dtype for ``backbone`` / ``vit`` (None: fp32); the full step runs as the
-            config does on the CPU (fp32).
+        amp_dtype: autocast dtype (None: fp32); the full step autocasts through the bundle's
+            iteration (``amp: true``), as training does.
         overrides: ``network_def`` overrides (``hidden_size``, ``conv_stem``, ``prior``,
             ``gradient_checkpointing``, ``attention``, ...).
     """
@@ -329,7 +333,5 @@ def make_step(cfg: BenchConfig, workload: str, batch: Mapping[str, Any], encoder
     if workload == "backbone":
         return PlainStep(model.backbone, image, backbone_loss, cfg, amp_dtype)
     if workload == "full":
-        if amp_dtype is not None:
-            raise ValueError("make_step: the full step runs in fp32, as the training config on the CPU")
-        return TrainingStep(cfg, model, encoder, batch)
+        return TrainingStep(cfg, model, encoder, batch, amp_dtype)
     raise ValueError(f"make_step: workload must be one of {WORKLOADS}, got {workload!r}")

@@ -39,15 +39,22 @@ def autocast_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[str(name).lower()]
 
 
-def resolve_amp(amp: Any, device: torch.device | str) -> bool:
-    """The ``amp`` switch: True / False, or ``"auto"`` = on for CUDA, off for CPU.
-
-    Why CPU defaults off: see the measurement in ``configs/train.yaml`` (the config may override).
+def resolve_amp(amp: Any, device: torch.device | str, dtype: str | torch.dtype = torch.bfloat16) -> bool:
+    """The ``amp`` switch: True / False, or ``"auto"``: on for CUDA; on the CPU only for bf16 on a
+    CPU that computes it natively (``runtime.cpu_bf16_native``: AVX512-BF16 or AMX), where it is
+    faster (measured in ``configs/train.yaml``); emulated bf16 and CPU float16 are slower than fp32.
     """
     if isinstance(amp, str):
         if amp.lower() != "auto":
             raise ValueError(f"amp must be true, false or 'auto', got {amp!r}")
-        return torch.device(device).type == "cuda"
+        kind = torch.device(device).type
+        if kind == "cuda":
+            return True
+        if kind == "cpu" and autocast_dtype(dtype) == torch.bfloat16:
+            from ..runtime import cpu_bf16_native
+
+            return cpu_bf16_native()
+        return False
     return bool(amp)
 
 
@@ -95,7 +102,7 @@ class VLPTrainIteration:
         criterion: ``losses.criterion.build_criterion(...)`` (its ``enabled``/``weights`` are set per stage).
         sentence_targets: ``text.targets.SentenceTargets`` (cached frozen text encoder), or None (no
             fine-grained term).
-        amp: autocast the forward (and loss) — True/False or ``"auto"`` (CUDA only).
+        amp: autocast the forward (and loss) — True/False or ``"auto"`` (see :func:`resolve_amp`).
         amp_dtype: ``"bfloat16"`` (CPU and GPU) or ``"float16"`` (CUDA, with a ``GradScaler``).
         grad_clip: max gradient norm (None: no clipping); applied at every optimizer step.
         regions: the model's ``regions`` argument in training (``"auto"``: masks where given).
@@ -154,7 +161,7 @@ class VLPTrainIteration:
         device = torch.device(engine.state.device)
         network = engine.network
         net = _unwrap(network)
-        use_amp = resolve_amp(self.amp, device)
+        use_amp = resolve_amp(self.amp, device, self.amp_dtype)
         batch = to_device(batch, device, getattr(engine, "non_blocking", False))
 
         text = None
@@ -268,7 +275,7 @@ class VLPEvalIteration:
         batch = to_device(batch, device, getattr(engine, "non_blocking", False))
         targets = _targets(batch, net, None, self.uncertain_as, device)
         spatial = [int(s) for s in batch["image"].shape[2:]]
-        use_amp = resolve_amp(self.amp, device)
+        use_amp = resolve_amp(self.amp, device, self.amp_dtype)
         network.eval()
         result: dict[str, Any] = {}
         for mode in self.region_modes:
