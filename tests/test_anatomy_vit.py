@@ -328,6 +328,50 @@ def test_region_pooling_box_mode_and_chunking():
     torch.testing.assert_close(scripted(queries, tokens.detach(), grid, None, boxes), full)
 
 
+def test_region_pooling_max_matches_a_masked_amax_in_values_and_gradients():
+    # the max is found without autograd and gathered: same values and the same gradient as amax
+    torch.manual_seed(3)
+    b, m, n, d = 2, 4, 12, 5
+    queries, tokens = torch.randn(b, m, d), torch.randn(b, n, d, requires_grad=True)
+    region = torch.rand(b, m, n) > 0.5
+    region[1, 2] = False  # an empty region
+    out = RegionPooling(d, max_chunk_elements=2 * n * d)(queries, tokens, [3, 4], region_token_mask=region)
+    masked = tokens.unsqueeze(1).masked_fill(~region.unsqueeze(-1), float("-inf")).amax(dim=2)
+    expected = torch.where(region.any(-1, keepdim=True), masked, torch.zeros_like(masked))
+    torch.testing.assert_close(out[..., 2 * d :], expected)
+    weights = torch.randn(b, m, d)
+    (grad,) = torch.autograd.grad((out[..., 2 * d :] * weights).sum(), tokens)
+    (grad_ref,) = torch.autograd.grad((expected * weights).sum(), tokens)
+    torch.testing.assert_close(grad, grad_ref)
+    assert grad.abs().sum() > 0
+
+
+def test_channel_layer_norm_matches_the_explicit_formula_and_keeps_channels_last():
+    from anatomy_vlp_bundle.networks.anatomy_vit import _ChannelLayerNorm
+
+    torch.manual_seed(4)
+    norm = _ChannelLayerNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(2, 6, 5, 4, 3) * 3 + 1).requires_grad_()
+    mean = x.mean(dim=1, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+    ref = (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
+    out = norm(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x, norm.weight], g)
+    want = torch.autograd.grad(ref, [x, norm.weight], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    cl = norm(x.detach().contiguous(memory_format=torch.channels_last_3d))
+    assert cl.is_contiguous(memory_format=torch.channels_last_3d)  # no copy back to channels-first
+    torch.testing.assert_close(cl, ref.detach(), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # statistics in float32, output in the input's dtype
+        assert norm(x.detach().bfloat16()).dtype == torch.bfloat16
+
+
 def test_projection_is_unit_norm():
     for hidden in (None, 16):
         proj = Projection(12, 384, hidden_dim=hidden)

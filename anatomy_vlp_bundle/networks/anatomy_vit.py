@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -355,7 +355,7 @@ class AnatomyViT(nn.Module):
         pos_embed: ``"learnable"`` or ``"sincos"`` (fixed; not stored in the state dict).
         conv_stem: patch embedding by two strided 3x3 convolutions plus a patchifying convolution
             (default) instead of a single ``patch_size`` convolution.
-        gradient_checkpointing: recompute block activations in backward (saves memory).
+        gradient_checkpointing: recompute the stem's and the blocks' activations in backward (saves memory).
         qkv_bias: bias in the qkv projections.
         stem_channels: channels of the two stem stages (``conv_stem=True`` only).
         attention: ``"sdpa"`` (``F.scaled_dot_product_attention``, default) or ``"math"`` (explicit
@@ -489,9 +489,26 @@ class AnatomyViT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def _run_stem(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The stem's output and its first stage's output (``early``)."""
+        stem = image
+        early = image
+        for i, stage in enumerate(self.stem):
+            stem = stage(stem)
+            if i == 0:
+                early = stem
+        return stem, early
+
+    @torch.jit.unused
+    def _checkpointed_stem(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # the stages' normalisation and GELU inputs at the stem's full-resolution grids are
+        # recomputed in backward; only the two outputs are kept
+        return checkpoint(self._run_stem, image, use_reentrant=False)
+
     # ------------------------------------------------------------------------------------- public
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Switch activation checkpointing of the transformer blocks (``use_reentrant=False``)."""
+        """Switch activation checkpointing (``use_reentrant=False``) of the conv stem and the
+        transformer blocks."""
         self.gradient_checkpointing = bool(enabled)
         for blk in self.blocks:
             blk.gradient_checkpointing = bool(enabled)
@@ -543,12 +560,10 @@ class AnatomyViT(nn.Module):
                     + str(self.patch_size)
                 )
 
-        stem = image
-        early = image
-        for i, stage in enumerate(self.stem):
-            stem = stage(stem)
-            if i == 0:
-                early = stem
+        if self.gradient_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            stem, early = self._checkpointed_stem(image)
+        else:
+            stem, early = self._run_stem(image)
         tokens = self.proj(stem)  # (B, D, *grid)
         grid = [int(s) for s in tokens.shape[2:]]
         b = tokens.shape[0]

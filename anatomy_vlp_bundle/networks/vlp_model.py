@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.data import MetaTensor
+from torch.utils.checkpoint import checkpoint
 
 from ..data.catalog import Catalog, load_catalog
 from ..losses.alignment import zero_shot_logits
@@ -327,7 +328,8 @@ class AnatomyVLPModel(nn.Module):
         init_temperature: initial temperature of both logit scales (fVLM: 0.07).
         min_temperature, max_temperature: clamp range of the temperatures.
         global_bias_init: initial value of the learnable bias of the global [CLS] loss.
-        gradient_checkpointing: recompute transformer activations in backward.
+        gradient_checkpointing: recompute activations in backward: the conv stem's, the transformer
+            blocks' and the mask head's (``backbone.set_gradient_checkpointing`` switches all three).
         in_channels: image channels.
         attention: the backbone's attention: ``"sdpa"`` (``F.scaled_dot_product_attention``) or
             ``"math"`` (explicit matmul-softmax; same result). Checkpoints saved before this
@@ -734,7 +736,13 @@ class AnatomyVLPModel(nn.Module):
         boxes = det["boxes"]
         mask_logits: Optional[torch.Tensor] = None
         if self.seg_head is not None:
-            mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid, feats["stem_early"])
+            if self.backbone.gradient_checkpointing and torch.is_grad_enabled():
+                # the head's fine-grid maps (the largest activations of a step) recomputed in backward
+                mask_logits = checkpoint(
+                    self.seg_head, image, feats["stem_features"], patch_tokens, grid, feats["stem_early"], use_reentrant=False
+                )
+            else:
+                mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid, feats["stem_early"])
 
         weights = _region_tokens(boxes, grid, mask_tokens, regions, self.soft_boxes)
         region_feat = self.pooling(queries, patch_tokens, grid, weights, None)
