@@ -436,6 +436,33 @@ def test_ct_eval_is_deterministic_and_centred_on_the_body(toy_ct, tmp_path):
     assert int(infer["anatomy"].sum()) == 0 and infer["anatomy_presence"].tolist() == [UNKNOWN] * 5
 
 
+def test_records_without_masks_get_their_empty_channels_on_the_final_grid(toy_ct):
+    from monai.transforms import Compose
+
+    from anatomy_vlp_bundle.data.transforms import LoadStudyd
+    from anatomy_vlp_bundle.data.dataset import vlp_collate
+
+    bare = {"id": "bare", "image": toy_ct["record"]["image"]}
+    for mode in ("infer", "train"):
+        chain = build_transforms(CT_CATALOG, mode, roi_size=(40, 40, 40), augment={"enabled": False})
+        assert isinstance(chain.transforms[0], LoadStudyd) and chain.transforms[0].defer_empty
+        deferred = chain(dict(bare))
+        eager = Compose([LoadStudyd(CT_CATALOG, keys="image")] + list(chain.transforms[1:]))(dict(bare))
+        # the same sample as when the empty channels are built on the input grid and resampled
+        assert torch.equal(deferred["image"], eager["image"])
+        assert deferred["anatomy"].dtype == eager["anatomy"].dtype == torch.uint8
+        assert deferred["anatomy"].shape == eager["anatomy"].shape == (CT_CATALOG.num_anatomies, 40, 40, 40)
+        assert int(deferred["anatomy"].sum()) == 0
+        np.testing.assert_allclose(deferred["anatomy"].affine, eager["anatomy"].affine)
+        assert torch.equal(deferred["anatomy_boxes"], eager["anatomy_boxes"])
+        assert deferred["anatomy_presence"].tolist() == eager["anatomy_presence"].tolist() == [UNKNOWN] * 5
+    # a batch mixing a record with masks and one without collates (same metadata keys and trace length)
+    chain = build_transforms(CT_CATALOG, "train", roi_size=(40, 40, 40), augment={"enabled": False})
+    batch = vlp_collate([chain(dict(toy_ct["record"])), chain(dict(bare))])
+    assert batch["anatomy"].shape == (2, CT_CATALOG.num_anatomies, 40, 40, 40)
+    assert int(batch["anatomy"][0].sum()) > 0 and int(batch["anatomy"][1].sum()) == 0
+
+
 def test_hu_window_and_augment_options(toy_ct):
     soft = build_transforms(CT_CATALOG, "eval", roi_size=(40, 40, 40), hu_window=(-200, 200))(dict(toy_ct["record"]))
     assert abs(float(soft["image"][0][20, 20, 20]) - 0.5) < 1e-5  # 0 HU in the middle of (-200, 200)

@@ -215,6 +215,25 @@ def test_variants_build_and_run(spatial_dims):
             assert model.prior.feature_dim == model.backbone.hidden_size
 
 
+def test_gradient_checkpointing_of_stem_and_mask_head_changes_no_value_or_gradient():
+    results = []
+    for enabled in (False, True):
+        model = tiny_model(3, segmentation=True, gradient_checkpointing=enabled).train()
+        model.set_prompt_bank(random_bank(model))
+        batch = batch_for(model, 2)
+        torch.manual_seed(7)  # the same dropout and view masks in both runs
+        out = model(batch["image"], batch["anatomy"], torch.ones(2, model.num_anatomies, dtype=torch.bool))
+        (out["mask_logits"].square().mean() + out["region_emb"].sum() + out["boxes"].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and n.startswith(("seg_head.", "backbone.stem."))}
+        results.append((out["mask_logits"].detach(), grads))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    torch.testing.assert_close(logits_a, logits_b)
+    assert any(n.startswith("seg_head.") for n in grads_a) and any(n.startswith("backbone.stem.") for n in grads_a)
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], msg=n)
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model(3).eval()
     batch = batch_for(model, 1)

@@ -44,7 +44,7 @@ from monai.transforms import (
 )
 
 from .catalog import Catalog, load_catalog
-from .transforms import BodyForeground, DeriveAnatomyBoxesd, LoadStudyd
+from .transforms import BodyForeground, DeriveAnatomyBoxesd, EnsureAnatomyd, LoadStudyd
 
 __all__ = ["build_transforms", "default_augment", "MODES", "DEFAULT_CT_SPACING", "DEFAULT_CT_ROI", "DEFAULT_CXR_SIZE"]
 
@@ -200,7 +200,9 @@ def build_transforms(
     aug = _resolve_augment(augment, spatial_dims)
     randomise = train and bool(aug["enabled"])
 
-    chain: list = [LoadStudyd(catalog, keys=IMAGE)]
+    # records without masks, label map or boxes (e.g. at inference) get their empty anatomy channels
+    # on the final grid (EnsureAnatomyd), not resampled from the input grid
+    chain: list = [LoadStudyd(catalog, keys=IMAGE, defer_empty=True)]
     if report_parser is not None:
         chain.append(report_parser)
 
@@ -213,8 +215,8 @@ def build_transforms(
         if hi <= lo:
             raise ValueError(f"hu_window must be (low, high) with high > low, got {hu_window!r}")
         chain += [
-            Orientationd(SPATIAL_KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(SPATIAL_KEYS, pixdim=spacing, mode=("bilinear", "nearest"), dtype=torch.float32),
+            Orientationd(SPATIAL_KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+            Spacingd(SPATIAL_KEYS, pixdim=spacing, mode=("bilinear", "nearest"), dtype=torch.float32, allow_missing_keys=True),
             # Centre on the body: crop to its bounding box first, so that the final centre crop/pad
             # (or the random crop) is taken around the patient, not around air.
             CropForegroundd(
@@ -224,13 +226,17 @@ def build_transforms(
                 allow_smaller=True,
                 start_coord_key=None,
                 end_coord_key=None,
+                allow_missing_keys=True,
             ),
             ScaleIntensityRanged(IMAGE, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
         ]
         if randomise and aug["random_crop"]:
-            chain += [SpatialPadd(SPATIAL_KEYS, spatial_size=roi), RandSpatialCropd(SPATIAL_KEYS, roi_size=roi, random_size=False)]
+            chain += [
+                SpatialPadd(SPATIAL_KEYS, spatial_size=roi, allow_missing_keys=True),
+                RandSpatialCropd(SPATIAL_KEYS, roi_size=roi, random_size=False, allow_missing_keys=True),
+            ]
         else:
-            chain.append(ResizeWithPadOrCropd(SPATIAL_KEYS, spatial_size=roi))
+            chain.append(ResizeWithPadOrCropd(SPATIAL_KEYS, spatial_size=roi, allow_missing_keys=True))
     else:
         roi = tuple(int(r) for r in (roi_size or DEFAULT_CXR_SIZE))
         if len(roi) != 2:
@@ -238,15 +244,19 @@ def build_transforms(
         low_pct, high_pct = intensity_percentiles
         chain.append(ScaleIntensityRangePercentilesd(IMAGE, lower=low_pct, upper=high_pct, b_min=0.0, b_max=1.0, clip=True))
         if randomise and aug["random_crop"]:
-            chain.append(RandScaleCropd(SPATIAL_KEYS, roi_scale=float(aug["crop_scale"]), max_roi_scale=1.0, random_size=True))
+            chain.append(
+                RandScaleCropd(SPATIAL_KEYS, roi_scale=float(aug["crop_scale"]), max_roi_scale=1.0, random_size=True, allow_missing_keys=True)
+            )
         chain.append(
             Resized(
                 SPATIAL_KEYS,
                 spatial_size=roi,
                 mode=("bilinear", "nearest-exact"),
                 anti_aliasing=(True, False),  # smooth the image before shrinking it; labels stay crisp
+                allow_missing_keys=True,
             )
         )
+    chain.append(EnsureAnatomyd(catalog.num_anatomies, ANATOMY, IMAGE))
     if randomise:
         chain += _spatial_augment(aug, spatial_dims)
         chain += _intensity_augment(aug)

@@ -36,6 +36,7 @@ from .readers import ImageReadError, load_mask_image, load_study_image
 
 __all__ = [
     "LoadStudyd",
+    "EnsureAnatomyd",
     "DeriveAnatomyBoxesd",
     "BodyForeground",
     "build_anatomy",
@@ -353,6 +354,12 @@ class LoadStudyd(MapTransform):
             name -> mask path dict and the name -> box dict.
         max_outside_fraction: a mask with more of its foreground outside the image is an error.
         allow_missing_keys: skip records without an image instead of raising.
+        defer_empty: a record with no mask, label map or box gets no ``anatomy`` here (its presence is
+            all UNKNOWN, as it would be); :class:`EnsureAnatomyd` adds the empty channels after the
+            spatial transforms, on the final grid. Why: at inference the channels are empty, and
+            ``M`` empty channels on a 512 x 512 x 300 CT grid are 0.9 GB as uint8 and 3.5 GB once
+            resampled in float32 (measured: the ``infer`` command peaked at 5.1 GB, 15 s of its 16.5 s
+            in resampling them).
     """
 
     def __init__(
@@ -367,8 +374,10 @@ class LoadStudyd(MapTransform):
         boxes_key: str = "anatomy_boxes",
         max_outside_fraction: float = 0.5,
         allow_missing_keys: bool = False,
+        defer_empty: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.defer_empty = bool(defer_empty)
         self.catalog = load_catalog(catalog)
         self.modality = (modality or self.catalog.modality).upper()
         if (self.modality == "CT") != (self.catalog.spatial_dims == 3):
@@ -393,6 +402,11 @@ class LoadStudyd(MapTransform):
                 image = load_study_image(image, self.modality)
             elif not isinstance(image, MetaTensor):
                 raise TypeError(f"record {d.get('id', '?')!r}: '{key}' must be a path or a channel-first MetaTensor")
+            if self.defer_empty and not label_map and not masks and not boxes:
+                d[key] = image
+                d.pop(self.anatomy_key, None)
+                d[self.presence_key] = torch.full((self.catalog.num_anatomies,), float(UNKNOWN), dtype=torch.float32)
+                continue
             anatomy, presence = build_anatomy(
                 self.catalog,
                 image,
@@ -405,6 +419,37 @@ class LoadStudyd(MapTransform):
             d[key] = image
             d[self.anatomy_key] = anatomy
             d[self.presence_key] = presence
+        return d
+
+
+class EnsureAnatomyd(MapTransform):
+    """Add empty anatomy channels where a record has none (see ``LoadStudyd(defer_empty=True)``).
+
+    ``anatomy`` ``(M, *S)`` uint8 zeros on the image's current grid, with a copy of the image's
+    metadata and transform trace (as the channels would carry had they gone through the same
+    spatial transforms), so that batches mixing records with and without masks collate.
+
+    Args:
+        num_anatomies: ``M``.
+        keys: the anatomy key.
+        image_key: the image whose grid the channels take.
+    """
+
+    def __init__(self, num_anatomies: int, keys: KeysCollection = "anatomy", image_key: str = "image") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.num_anatomies = int(num_anatomies)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.keys:
+            if key in d:
+                continue
+            image = d[self.image_key]
+            zeros = torch.zeros((self.num_anatomies, *image.shape[1:]), dtype=torch.uint8)
+            if isinstance(image, MetaTensor):
+                zeros = MetaTensor(zeros, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+            d[key] = zeros
         return d
 
 
