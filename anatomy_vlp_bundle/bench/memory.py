@@ -50,8 +50,9 @@ def run_memory(ctx: BenchContext) -> Section:
             "row: peak RSS (`ru_maxrss`) after building the model and loading the batch, after the step, and the "
             "difference (the step's memory: activations kept for backward, gradients, AdamW state, allocator "
             f"slack). The model's parameters take {fmt_bytes(param_bytes)}; gradients and AdamW's two moments add "
-            "about three times that to the first step. Gradient checkpointing recomputes the transformer blocks "
-            "in backward; the conv stem, mask head and region statistics keep their activations. The peak RSS of "
+            "about three times that to the first step. Gradient checkpointing recomputes the conv stem, the "
+            "transformer blocks and the mask head in backward (the mask head's recomputed maps and their gradients "
+            "still coexist there); the losses keep their activations. The peak RSS of "
             "a whole training run is measured in the data group (training loop)."
         ),
         tables=[Table(["step", "gradient checkpointing", "RSS after build", "peak RSS after step", "step memory",
