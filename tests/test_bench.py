@@ -65,6 +65,23 @@ def test_power_law_fit_ratio_and_utilisation_give_known_answers():
     assert (t.median, t.low, t.high, t.spread) == (2.0, 1.0, 4.0, 1.5)
 
 
+def test_saved_activation_bytes_counts_what_backward_keeps_once_and_checkpoint_inputs():
+    from anatomy_vlp_bundle.bench.memory import saved_activation_bytes
+    from anatomy_vlp_bundle.networks import vlp_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    # first Linear keeps its input x (5 x 8 floats); ReLU keeps its output, which the second Linear
+    # keeps too (one storage, 5 x 16 floats); the weights are not activations
+    plain = saved_activation_bytes(lambda: net(x).sum().backward(), net.parameters())
+    assert plain == (5 * 8 + 5 * 16) * 4
+    # a checkpointed region keeps only its input for the recomputation
+    ckpt = saved_activation_bytes(lambda: vlp_model.checkpoint(net, x, use_reentrant=False).sum().backward(), net.parameters())
+    assert ckpt == 5 * 8 * 4
+    assert vlp_model.checkpoint is torch.utils.checkpoint.checkpoint  # restored afterwards
+
+
 def test_interleaved_warms_up_then_alternates_the_order():
     calls = []
     timings = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
@@ -179,6 +196,9 @@ def test_quick_bench_writes_every_section_with_its_plots(tiny_bundle, tmp_path, 
     # a quick run on tiny inputs judges no target, but still shows what it measured
     assert len(targets) >= 9 and {t["status"] for t in targets} == {"not evaluated"} and all(t["measured"] for t in targets)
     assert "**not evaluated**" in text and "**reached**" not in text
+    # the allocator comparison (two fresh processes) and the process's own setting
+    assert "| glibc as it comes |" in text and "| `cpu_allocator: true` (runtime.py) |" in text
+    assert "| glibc allocator (anatomy_vlp_bundle/runtime.py) |" in text and "| full model (bf16 autocast) |" in text
     model = results["sections"]["model"]["values"]
     assert model["full_to_vit"] > 0 and results["sections"]["mfu"]["values"]["peak_fp32"] > 0
     assert "| target | goal | measured | status |" in capsys.readouterr().out
