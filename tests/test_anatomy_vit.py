@@ -1,9 +1,11 @@
 """AnatomyViT backbone and heads: shapes, mask-guided attention, checkpointing, scripting, loading."""
 
+import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from anatomy_vlp_bundle.networks.anatomy_vit import (
     AnatomyViT,
@@ -12,7 +14,7 @@ from anatomy_vlp_bundle.networks.anatomy_vit import (
     remap_anatomy_queries,
 )
 from anatomy_vlp_bundle.networks.box_ops import boxes_to_token_mask
-from anatomy_vlp_bundle.networks.heads import BoxHead, Projection, RegionPooling
+from anatomy_vlp_bundle.networks.heads import BoxHead, Projection, RegionPooling, SegmentationHead
 
 KEYS = ("cls", "queries", "patch_tokens", "grid", "stem_features", "stem_early")
 
@@ -370,6 +372,39 @@ def test_channel_layer_norm_matches_the_explicit_formula_and_keeps_channels_last
     torch.testing.assert_close(cl, ref.detach(), rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # statistics in float32, output in the input's dtype
         assert norm(x.detach().bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_mask_head_fuse_split_by_part_equals_the_convolution_of_the_concatenation(spatial_dims):
+    # the fuse convolution runs per part with slices of its weight: same outputs and gradients as one
+    # convolution over the concatenated maps (the module's parameters are unchanged), also scripted
+    torch.manual_seed(5)
+    spatial = (16, 16, 8) if spatial_dims == 3 else (32, 32)
+    grid = [s // 8 for s in spatial]
+    head = SegmentationHead(spatial_dims, 8, 16, 5, [4] * spatial_dims, early_channels=6)
+    image = torch.rand(2, 1, *spatial)
+    stem = torch.randn(2, 8, *[s // 4 for s in spatial], requires_grad=True)
+    tokens = torch.randn(2, math.prod(grid), 16, requires_grad=True)
+    early = torch.randn(2, 6, *[s // 2 for s in spatial], requires_grad=True)
+    out = head(image, stem, tokens, grid, early)
+    mode = "trilinear" if spatial_dims == 3 else "bilinear"
+    up = F.interpolate(head.reduce(tokens.transpose(1, 2).reshape([2, 16] + grid)), size=list(stem.shape[2:]), mode=mode, align_corners=False)
+    coarse = head.coarse(torch.cat([stem, up], 1))
+    fine = head.fine(image)
+    coarse_up = F.interpolate(coarse, size=list(fine.shape[2:]), mode=mode, align_corners=False)
+    ref = head.fuse(torch.cat([coarse_up, fine, early], 1))
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    inputs = [stem, tokens, early, head.fuse[0].weight, head.fuse[0].bias]
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert sorted(k for k in head.state_dict() if k.startswith("fuse.")) == ["fuse.0.bias", "fuse.0.weight", "fuse.2.bias", "fuse.2.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(head)
+    torch.testing.assert_close(scripted(image, stem, tokens, grid, early), out)
+    with pytest.raises(ValueError, match="early"):
+        head(image, stem, tokens, grid, None)
 
 
 def test_projection_is_unit_norm():

@@ -269,12 +269,25 @@ class SegmentationHead(nn.Module):
             if [int(s) for s in skip.shape[2:]] != fine_size:
                 skip = F.interpolate(skip, size=fine_size, mode=self.interp_mode, align_corners=False)
             parts.append(skip)
-        fused = torch.cat(parts, dim=1)
-        if fused.dim() == 5:
-            # oneDNN's 3D convolution in channels-last layout: the fuse convolution (the head's largest,
-            # at the fine grid) forward + backward 231 -> 107 ms alone on the default CT batch (2 cores)
-            fused = fused.contiguous(memory_format=torch.channels_last_3d)
-        return self.fuse(fused)
+        # The fuse convolution of concat(parts), computed as the sum of each part's convolution with its
+        # slice of the same weight (equal up to float rounding; the same parameters): no concatenated
+        # map at the fine grid (63 MB on the default CT batch), and each part in channels-last layout,
+        # where oneDNN's 3D convolution is faster. Measured (forward + backward with the upsampling, 2
+        # cores): 156 ms concatenated, 130 ms split.
+        first = self.fuse[0]
+        start = 0
+        y = torch.zeros(0)
+        for i, part in enumerate(parts):
+            c = int(part.shape[1])
+            w = first.weight[:, start : start + c]
+            bias = first.bias if i == 0 else None
+            start += c
+            if part.dim() == 5:
+                z = F.conv3d(part.contiguous(memory_format=torch.channels_last_3d), w, bias, 1, 1)
+            else:
+                z = F.conv2d(part, w, bias, 1, 1)
+            y = z if i == 0 else y + z
+        return self.fuse[2](self.fuse[1](y))
 
 
 def upsample_mask_logits(logits: torch.Tensor, size: List[int]) -> torch.Tensor:
