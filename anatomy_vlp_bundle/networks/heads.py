@@ -280,7 +280,7 @@ class SegmentationHead(nn.Module):
         for i, part in enumerate(parts):
             c = int(part.shape[1])
             w = first.weight[:, start : start + c]
-            bias = first.bias if i == 0 else None
+            bias = first.bias if i == 0 else None  # stride 1, padding 1: as fuse[0] is built
             start += c
             if part.dim() == 5:
                 z = F.conv3d(part.contiguous(memory_format=torch.channels_last_3d), w, bias, 1, 1)
