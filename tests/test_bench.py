@@ -149,6 +149,35 @@ def test_math_attention_scripts_and_unknown_attention_is_refused():
         AnatomyViT(3, img_size=32, patch_size=8, num_anatomies=2, attention="flash")
 
 
+def test_auto_attention_takes_math_under_cpu_bf16_autocast_and_sdpa_otherwise(monkeypatch):
+    from anatomy_vlp_bundle.networks import anatomy_vit
+
+    sdpa, _ = _vit_pair()
+    auto, _ = _vit_pair()
+    auto.load_state_dict(sdpa.state_dict())
+    assert AnatomyViT(3, img_size=32, patch_size=8, num_anatomies=2).blocks[0].attn.attention == "auto"  # the default
+    for m in (sdpa, auto):
+        m.blocks[0].attn.attention = m.blocks[1].attn.attention = "sdpa" if m is sdpa else "auto"
+        m.eval()
+    calls = []
+    monkeypatch.setattr(anatomy_vit._SelfAttention, "_math_attention",
+                        lambda self, q, k, v, mask, p: calls.append(q.dtype) or torch.zeros_like(v))
+    image = torch.rand(1, 1, 32, 32, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(image)["cls"], sdpa(image)["cls"])  # fp32: SDPA
+        assert calls == []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto(image)  # CPU bf16 autocast: the math path, in bf16
+            assert calls == [torch.bfloat16] * 2
+            sdpa(image)
+            assert len(calls) == 2  # an explicit "sdpa" stays SDPA
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(auto)  # scripted: SDPA (the autocast query is eager only)
+    torch.testing.assert_close(scripted(image)["cls"], sdpa(image)["cls"])
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):

@@ -331,9 +331,10 @@ class AnatomyVLPModel(nn.Module):
         gradient_checkpointing: recompute activations in backward: the conv stem's, the transformer
             blocks' and the mask head's (``backbone.set_gradient_checkpointing`` switches all three).
         in_channels: image channels.
-        attention: the backbone's attention: ``"sdpa"`` (``F.scaled_dot_product_attention``) or
-            ``"math"`` (explicit matmul-softmax; same result). Checkpoints saved before this
-            argument existed load with the default.
+        attention: the backbone's attention: ``"auto"`` (default: the math path under CPU bf16
+            autocast, SDPA otherwise), ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"math"``
+            (explicit matmul-softmax; same result). Checkpoints saved before this argument existed
+            load with the default.
     """
 
     def __init__(
@@ -373,7 +374,7 @@ class AnatomyVLPModel(nn.Module):
         global_bias_init: float = 0.0,
         gradient_checkpointing: bool = False,
         in_channels: int = 1,
-        attention: str = "sdpa",
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         cat = load_catalog(dict(catalog) if isinstance(catalog, Mapping) else catalog)
