@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -45,6 +46,7 @@ DEFAULT_TRIM_THRESHOLD = (1 << 31) - 1
 _state: dict[str, Any] = {"applied": False, "mmap_threshold": None, "trim_threshold": None, "reason": "not called"}
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_bf16_native() -> bool:
     """Whether this CPU runs bf16 matmuls and convolutions natively (oneDNN's check: AVX512-BF16 or
     AMX); without it bf16 autocast is emulated and slower than fp32."""

@@ -86,10 +86,12 @@ class BenchContext:
         return self._batch_files[key]
 
     def probe_spec(self, probe: str, **fields: Any) -> dict[str, Any]:
-        """A ``probe.run_probe`` spec with this run's config and dataset (absolute paths)."""
+        """A ``probe.run_probe`` spec with this run's config and dataset (absolute paths) and the config's
+        allocator setting (``cpu_allocator``; a field of the same name overrides it)."""
         return {
             "probe": probe,
             "config_file": str(Path(self.cfg.config_file).resolve()),
             "dataset_dir": str(Path(self.cfg.dataset_dir).resolve()),
+            "cpu_allocator": self.cfg.cpu_allocator,
             **fields,
         }

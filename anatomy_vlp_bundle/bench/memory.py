@@ -29,7 +29,7 @@ from .workloads import build_model, make_step
 
 __all__ = ["run_memory", "saved_activation_bytes", "MIN_CHECKPOINT_SAVING"]
 
-#: the issue's target: gradient checkpointing cuts the step's memory by at least this fraction
+#: the issue's target: gradient checkpointing cuts the step's activation memory by at least this fraction
 MIN_CHECKPOINT_SAVING = 0.4
 
 LABELS = {"full": "full model (training iteration)", "backbone": "backbone alone"}
@@ -108,9 +108,8 @@ def run_memory(ctx: BenchContext) -> Section:
     for workload in results:
         for ckpt in (False, True):
             step = make_step(cfg, workload, batch, ctx.encoder, gradient_checkpointing=ckpt)
-            params = step.params if hasattr(step, "params") else list(step.engine.network.parameters())
             step()  # the first step creates the optimizer state and fits nothing twice
-            kept.setdefault(workload, {})[ckpt] = saved_activation_bytes(step, params)
+            kept.setdefault(workload, {})[ckpt] = saved_activation_bytes(step, step.params)
     act_rows, act_saving = [], {}
     for workload, pair in kept.items():
         act_saving[workload] = 1.0 - pair[True] / pair[False] if pair[False] > 0 else 0.0

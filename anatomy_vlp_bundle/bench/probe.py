@@ -105,7 +105,8 @@ def run_probes(specs: Sequence[dict[str, Any]], workers: int = 2) -> list[dict[s
         return list(pool.map(run_probe, specs))
 
 
-def _step_probe(spec: dict[str, Any]) -> dict[str, Any]:
+def _spec_step(spec: dict[str, Any]) -> Any:
+    """The training step a ``step`` / ``steps`` spec names (``workloads.make_step``) on the parent's batch."""
     import torch
 
     from .workloads import WarmCacheEncoder, load_bench_config, make_step
@@ -114,7 +115,11 @@ def _step_probe(spec: dict[str, Any]) -> dict[str, Any]:
     encoder = WarmCacheEncoder(int(cfg.network["embed_dim"]), cfg.seed)
     # the parent's batch (``torch.save``): loading cases here would leave their transient peak in ru_maxrss
     batch = torch.load(spec["batch_file"], weights_only=False)
-    step = make_step(cfg, spec["workload"], batch, encoder, **dict(spec.get("overrides") or {}))
+    return make_step(cfg, spec["workload"], batch, encoder, **dict(spec.get("overrides") or {}))
+
+
+def _step_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    step = _spec_step(spec)
     built = peak_rss_bytes()
     start = time.perf_counter()
     step()
@@ -124,14 +129,9 @@ def _step_probe(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _steps_probe(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
+    from ..runtime import allocator_state
 
-    from .workloads import WarmCacheEncoder, load_bench_config, make_step
-
-    cfg = load_bench_config(spec["config_file"], spec["dataset_dir"])
-    encoder = WarmCacheEncoder(int(cfg.network["embed_dim"]), cfg.seed)
-    batch = torch.load(spec["batch_file"], weights_only=False)
-    step = make_step(cfg, spec["workload"], batch, encoder, **dict(spec.get("overrides") or {}))
+    step = _spec_step(spec)
     for _ in range(int(spec.get("warmup", 1))):
         step()
     seconds: list[float] = []
@@ -142,8 +142,6 @@ def _steps_probe(spec: dict[str, Any]) -> dict[str, Any]:
         seconds.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
     n = len(seconds)
-    from ..runtime import allocator_state
-
     return {"allocator": allocator_state(), "step_seconds": seconds, "user_seconds": (after.ru_utime - usage.ru_utime) / n,
             "system_seconds": (after.ru_stime - usage.ru_stime) / n,
             "minor_faults": (after.ru_minflt - usage.ru_minflt) / n, "rss_peak": peak_rss_bytes()}
@@ -203,13 +201,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if spec.get("probe") not in PROBES:
         raise SystemExit(f"unknown probe {spec.get('probe')!r}; one of {sorted(PROBES)}")
     from ..runtime import tune_cpu_allocator
-    from .workloads import load_bench_config
 
-    # the allocator of the run measured: the config's (as training), unless the spec says otherwise
-    allocator = spec.get("cpu_allocator")
-    if allocator is None:
-        allocator = load_bench_config(spec["config_file"], spec["dataset_dir"]).cpu_allocator
-    tune_cpu_allocator(bool(allocator))
+    # the allocator of the run measured: the config's (``BenchContext.probe_spec``), or the spec's own
+    tune_cpu_allocator(bool(spec.get("cpu_allocator", True)))
     print(json.dumps(PROBES[spec["probe"]](spec)))
 
 

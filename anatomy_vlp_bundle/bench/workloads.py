@@ -249,6 +249,7 @@ class TrainingStep:
             uncertain_as=cfg.uncertain_as,
         )
         optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+        self.params = list(model.parameters())
         self.engine = SimpleNamespace(
             network=model,
             optimizer=optimizer,
