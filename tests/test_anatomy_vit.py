@@ -16,7 +16,7 @@ from anatomy_vlp_bundle.networks.anatomy_vit import (
 from anatomy_vlp_bundle.networks.box_ops import boxes_to_token_mask
 from anatomy_vlp_bundle.networks.heads import BoxHead, Projection, RegionPooling, SegmentationHead
 
-KEYS = ("cls", "queries", "patch_tokens", "grid", "stem_features", "stem_early")
+KEYS = ("cls", "queries", "patch_tokens", "grid", "stem_features", "stem_early", "stem_input")
 
 
 def tiny_vit(spatial_dims=3, **kwargs):
@@ -405,6 +405,74 @@ def test_mask_head_fuse_split_by_part_equals_the_convolution_of_the_concatenatio
     torch.testing.assert_close(scripted(image, stem, tokens, grid, early), out)
     with pytest.raises(ValueError, match="early"):
         head(image, stem, tokens, grid, None)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_deep_mask_head_adds_a_convolution_per_grid_and_scripts(spatial_dims):
+    torch.manual_seed(6)
+    spatial = (16, 16, 8) if spatial_dims == 3 else (32, 32)
+    grid = [s // 8 for s in spatial]
+    light = SegmentationHead(spatial_dims, 8, 16, 5, [4] * spatial_dims, in_channels=2, early_channels=6)
+    deep = SegmentationHead(spatial_dims, 8, 16, 5, [4] * spatial_dims, in_channels=2, early_channels=6, decoder="deep")
+    image = torch.rand(2, 2, *spatial)
+    stem = torch.randn(2, 8, *[s // 4 for s in spatial])
+    tokens = torch.randn(2, math.prod(grid), 16)
+    early = torch.randn(2, 6, *[s // 2 for s in spatial])
+    out = deep(image, stem, tokens, grid, early)
+    assert out.shape == light(image, stem, tokens, grid, early).shape == (2, 5, *[s // 2 for s in spatial])
+    assert len(deep.coarse) == 2 * len(light.coarse) and len(deep.fuse) == len(light.fuse) + 2
+    assert deep.fuse[0].out_channels == 2 * light.fuse[0].out_channels
+    # the forward runs every layer of the fuse stack after the split first convolution
+    mode = "trilinear" if spatial_dims == 3 else "bilinear"
+    up = F.interpolate(deep.reduce(tokens.transpose(1, 2).reshape([2, 16] + grid)), size=list(stem.shape[2:]), mode=mode, align_corners=False)
+    coarse = deep.coarse(torch.cat([stem, up], 1))
+    fine = deep.fine(image)
+    coarse_up = F.interpolate(coarse, size=list(fine.shape[2:]), mode=mode, align_corners=False)
+    torch.testing.assert_close(out, deep.fuse(torch.cat([coarse_up, fine, early], 1)), rtol=1e-4, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(deep)
+    torch.testing.assert_close(scripted(image, stem, tokens, grid, early), out)
+    with pytest.raises(ValueError, match="decoder"):
+        SegmentationHead(spatial_dims, 8, 16, 5, decoder="unet")
+
+
+def test_input_windows_are_appended_channels_of_the_stem_input():
+    vit = tiny_vit(3, input_windows=[[0.425, 0.625], [0.0, 0.1]])
+    assert vit.in_channels == 1 and vit.stem_in_channels == 3
+    assert vit.stem[0][0].in_channels == 3
+    image = torch.rand(2, 1, 80, 64, 64)
+    out = vit(image)
+    stem_input = out["stem_input"]
+    assert stem_input.shape == (2, 3, 80, 64, 64)
+    torch.testing.assert_close(stem_input[:, :1], image)
+    torch.testing.assert_close(stem_input[:, 1:2], ((image - 0.425) / 0.2).clamp(0, 1))
+    torch.testing.assert_close(stem_input[:, 2:3], (image / 0.1).clamp(0, 1))
+    # a soft-tissue contrast of 20 HU (0.01 of a -1000..1000 window) is 0.05 in the soft-tissue channel
+    x = torch.full((1, 1, 8, 8, 8), 0.53)
+    assert float(vit.window(x + 0.01)[0, 1].mean() - vit.window(x)[0, 1].mean()) == pytest.approx(0.05, abs=1e-5)
+    with pytest.raises(ValueError, match="channels"):
+        vit(torch.rand(2, 3, 80, 64, 64))  # the windows are computed inside: the input keeps in_channels
+    with pytest.raises(ValueError, match="window"):
+        tiny_vit(3, input_windows=[[0.6, 0.4]])
+    plain = tiny_vit(3)
+    assert plain.window(image) is image and plain.stem_in_channels == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(vit)
+    torch.testing.assert_close(scripted(image)["cls"], out["cls"], rtol=1e-4, atol=1e-5)
+
+
+def test_hu_windows_to_input():
+    from anatomy_vlp_bundle.data.pipeline import hu_windows_to_input
+
+    assert hu_windows_to_input([[-150, 250]], (-1000, 1000)) == [[0.425, 0.625]]
+    assert hu_windows_to_input([[-1000, 0], [0, 1000]], (-1000, 1000)) == [[0.0, 0.5], [0.5, 1.0]]
+    assert hu_windows_to_input(None, (-1000, 1000)) is None and hu_windows_to_input([], (-1000, 1000)) is None
+    with pytest.raises(ValueError, match="CT window"):
+        hu_windows_to_input([[250, -150]], (-1000, 1000))
+    with pytest.raises(ValueError, match="hu_window"):
+        hu_windows_to_input([[-150, 250]], (1000, -1000))
 
 
 def test_projection_is_unit_norm():

@@ -19,6 +19,8 @@ random transforms.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ from monai.transforms import (
 from .catalog import Catalog, load_catalog
 from .transforms import BodyForeground, DeriveAnatomyBoxesd, EnsureAnatomyd, LoadStudyd
 
-__all__ = ["build_transforms", "default_augment", "MODES", "DEFAULT_CT_SPACING", "DEFAULT_CT_ROI", "DEFAULT_CXR_SIZE"]
+__all__ = ["build_transforms", "default_augment", "hu_windows_to_input", "MODES", "DEFAULT_CT_SPACING", "DEFAULT_CT_ROI", "DEFAULT_CXR_SIZE"]
 
 MODES = ("train", "eval", "infer")
 DEFAULT_CT_SPACING = (4.0, 4.0, 4.0)
@@ -160,6 +162,24 @@ def _intensity_augment(p: dict[str, Any]) -> list:
         out.append(RandShiftIntensityd(IMAGE, offsets=float(p["shift_offset"]), prob=float(p["shift_prob"])))
     if out:
         out.append(ScaleIntensityRanged(IMAGE, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True))
+    return out
+
+
+def hu_windows_to_input(windows_hu: Sequence[Sequence[float]] | None, hu_window: Sequence[float]) -> list[list[float]] | None:
+    """CT windows given in HU, as the model's ``input_windows`` (the units of the input after
+    ``hu_window`` is mapped to ``[0, 1]``): e.g. ``[[-150, 250]]`` with ``hu_window`` ``(-1000, 1000)``
+    is ``[[0.425, 0.625]]``. ``None`` or empty: ``None``."""
+    if not windows_hu:
+        return None
+    lo, hi = (float(v) for v in hu_window)
+    if not hi > lo:
+        raise ValueError(f"hu_window must be (low, high) with high > low, got {tuple(hu_window)!r}")
+    out = []
+    for w in windows_hu:
+        a, b = (float(v) for v in w)
+        if not b > a:
+            raise ValueError(f"a CT window must be (low, high) HU with high > low, got {tuple(w)!r}")
+        out.append([(a - lo) / (hi - lo), (b - lo) / (hi - lo)])
     return out
 
 

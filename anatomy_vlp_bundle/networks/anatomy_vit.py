@@ -377,6 +377,11 @@ class AnatomyViT(nn.Module):
         attention: ``"auto"`` (default: the math path under CPU bf16 autocast, SDPA otherwise),
             ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"math"`` (explicit matmul-softmax;
             same result).
+        input_windows: extra intensity windows ``(low, high)``, in the input's own units, each
+            appended to the stem's input as ``clamp((x - low) / (high - low), 0, 1)`` of every
+            channel (e.g. a soft-tissue window of a CT scaled from -1000..1000 HU: soft-tissue
+            contrasts of 10-20 HU are 0.005-0.01 of that range, 0.025-0.05 of a 400 HU window).
+            The input keeps ``in_channels`` channels; ``stem_input`` holds the windowed image.
 
     Shapes: ``forward(image (B, in_channels, *S), region_token_mask (B, M, N) | None)`` with every
     ``S[a]`` a multiple of ``patch_size[a]``, ``grid = S // patch_size``, ``N = prod(grid)``.
@@ -401,6 +406,7 @@ class AnatomyViT(nn.Module):
         qkv_bias: bool = True,
         stem_channels: Sequence[int] = (32, 64),
         attention: str = "auto",
+        input_windows: Optional[Sequence[Sequence[float]]] = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -424,10 +430,22 @@ class AnatomyViT(nn.Module):
                 f"AnatomyViT: sincos position embedding needs hidden_size divisible by {2 * spatial_dims} "
                 f"in {spatial_dims}D, got {hidden_size}"
             )
+        windows: List[List[float]] = []
+        for w in input_windows or []:
+            lo_hi = [float(v) for v in w]
+            if len(lo_hi) != 2 or not lo_hi[1] > lo_hi[0]:
+                raise ValueError(f"AnatomyViT: each input window must be (low, high) with high > low, got {tuple(w)}")
+            windows.append(lo_hi)
         conv = Conv[Conv.CONV, spatial_dims]
 
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
+        self.input_windows: List[List[float]] = windows  # for reading; the forward uses window_bounds
+        self.num_windows = len(windows)
+        # (n, 2) low / high, a non-persistent buffer: follows .to(device), stays out of the state dict
+        self.register_buffer("window_bounds", torch.tensor(windows, dtype=torch.float32).reshape(-1, 2), persistent=False)
+        #: channels of the stem's input (``stem_input``): the image and each of its windows
+        self.stem_in_channels = in_channels * (1 + len(windows))
         self.hidden_size = hidden_size
         self.num_anatomies = num_anatomies
         self.patch_size: List[int] = list(patch)
@@ -447,7 +465,7 @@ class AnatomyViT(nn.Module):
             s2 = [2 if (p // a) % 2 == 0 else 1 for p, a in zip(patch, s1)]
             s3 = [p // (a * b) for p, a, b in zip(patch, s1, s2)]
             self.stem = nn.Sequential(
-                _ConvStage(spatial_dims, in_channels, stem_channels[0], s1),
+                _ConvStage(spatial_dims, self.stem_in_channels, stem_channels[0], s1),
                 _ConvStage(spatial_dims, stem_channels[0], stem_channels[1], s2),
             )
             self.proj = conv(stem_channels[1], hidden_size, kernel_size=tuple(s3), stride=tuple(s3))
@@ -459,7 +477,7 @@ class AnatomyViT(nn.Module):
         else:
             # plain linear patch embedding (as MONAI's PatchEmbeddingBlock "conv"); its output
             # doubles as the stem features
-            self.stem = nn.Sequential(conv(in_channels, hidden_size, kernel_size=patch, stride=patch))
+            self.stem = nn.Sequential(conv(self.stem_in_channels, hidden_size, kernel_size=patch, stride=patch))
             self.proj = nn.Identity()
             self.stem_stride = list(patch)
             self.stem_channels = hidden_size
@@ -505,6 +523,17 @@ class AnatomyViT(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def window(self, image: torch.Tensor) -> torch.Tensor:
+        """The stem's input: ``image`` with its :attr:`input_windows` appended as channels."""
+        if self.num_windows == 0:
+            return image
+        parts = [image]
+        bounds = self.window_bounds.to(image.dtype)
+        for i in range(self.num_windows):
+            low, high = bounds[i, 0], bounds[i, 1]
+            parts.append(((image - low) / (high - low)).clamp(0.0, 1.0))
+        return torch.cat(parts, dim=1)
 
     def _run_stem(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The stem's output and its first stage's output (``early``)."""
@@ -553,7 +582,8 @@ class AnatomyViT(nn.Module):
             (``out["grid"].tolist()``); ``stem_features`` ``(B, C_s, *S // stem_stride)``: the stem's
             early per-patch features (the patch embedding itself when ``conv_stem=False``);
             ``stem_early`` ``(B, early_channels, *S // early_stride)``: the first stem stage's output
-            (the stem features when ``conv_stem=False``); only with ``return_hidden``:
+            (the stem features when ``conv_stem=False``); ``stem_input`` ``(B, stem_in_channels, *S)``:
+            the image with its windows (the image itself without ``input_windows``); only with ``return_hidden``:
             ``hidden_states`` ``(num_layers, B, N, D)``, the patch tokens after each block (before
             the final norm).
         """
@@ -577,10 +607,11 @@ class AnatomyViT(nn.Module):
                     + str(self.patch_size)
                 )
 
+        stem_input = self.window(image)
         if self.gradient_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            stem, early = self._checkpointed_stem(image)
+            stem, early = self._checkpointed_stem(stem_input)
         else:
-            stem, early = self._run_stem(image)
+            stem, early = self._run_stem(stem_input)
         tokens = self.proj(stem)  # (B, D, *grid)
         grid = [int(s) for s in tokens.shape[2:]]
         b = tokens.shape[0]
@@ -627,6 +658,7 @@ class AnatomyViT(nn.Module):
             "grid": torch.tensor(grid, dtype=torch.long),
             "stem_features": stem,
             "stem_early": early,
+            "stem_input": stem_input,
         }
         if return_hidden:
             out["hidden_states"] = torch.stack(hidden)

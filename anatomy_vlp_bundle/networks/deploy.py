@@ -212,7 +212,7 @@ class DeployWrapper(nn.Module):
         if self.region_stats_bins > 0:
             mask_logits: Optional[torch.Tensor] = None
             if self.seg_head is not None:
-                mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid, feats["stem_early"])
+                mask_logits = self.seg_head(feats["stem_input"], feats["stem_features"], patch_tokens, grid, feats["stem_early"])
             raw_stats, stats_valid = region_statistics(
                 image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales
             )

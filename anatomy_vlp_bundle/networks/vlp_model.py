@@ -335,6 +335,11 @@ class AnatomyVLPModel(nn.Module):
             autocast, SDPA otherwise), ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"math"``
             (explicit matmul-softmax; same result). Checkpoints saved before this argument existed
             load with the default.
+        input_windows: extra intensity windows ``(low, high)`` in the input's units, appended as
+            channels to the stem's and the mask head's input (:class:`AnatomyViT`); the region
+            statistics stay on the image itself. ``None`` (default): none.
+        segmentation_decoder: the mask head's decoder, ``"light"`` (default; one convolution per
+            grid) or ``"deep"`` (two per grid, wider at the fine grid) (:class:`SegmentationHead`).
     """
 
     def __init__(
@@ -375,6 +380,8 @@ class AnatomyVLPModel(nn.Module):
         gradient_checkpointing: bool = False,
         in_channels: int = 1,
         attention: str = "auto",
+        input_windows: Optional[Sequence[Sequence[float]]] = None,
+        segmentation_decoder: str = "light",
     ) -> None:
         super().__init__()
         cat = load_catalog(dict(catalog) if isinstance(catalog, Mapping) else catalog)
@@ -445,6 +452,8 @@ class AnatomyVLPModel(nn.Module):
             "gradient_checkpointing": gradient_checkpointing,
             "in_channels": in_channels,
             "attention": attention,
+            "input_windows": None if input_windows is None else [[float(v) for v in w] for w in input_windows],
+            "segmentation_decoder": segmentation_decoder,
         }
 
         m = self.num_anatomies
@@ -464,6 +473,7 @@ class AnatomyVLPModel(nn.Module):
             gradient_checkpointing=gradient_checkpointing,
             stem_channels=stem_channels,
             attention=attention,
+            input_windows=input_windows,
         )
         self.box_head = BoxHead(hidden_size, dims, num_layers=box_layers)
         self.pooling = RegionPooling(hidden_size, soft_boxes=soft_boxes, detach_boxes=True)
@@ -494,8 +504,8 @@ class AnatomyVLPModel(nn.Module):
         self.seg_head: Optional[SegmentationHead] = None
         if segmentation:
             self.seg_head = SegmentationHead(
-                dims, self.backbone.stem_channels, hidden_size, m, self.backbone.stem_stride, in_channels,
-                early_channels=self.backbone.early_channels,
+                dims, self.backbone.stem_channels, hidden_size, m, self.backbone.stem_stride,
+                self.backbone.stem_in_channels, early_channels=self.backbone.early_channels, decoder=segmentation_decoder,
             )
         self.region_proj = RegionFusion(
             self.pooling.out_dim,
@@ -740,10 +750,11 @@ class AnatomyVLPModel(nn.Module):
             if self.backbone.gradient_checkpointing and torch.is_grad_enabled():
                 # the head's fine-grid maps (the largest activations of a step) recomputed in backward
                 mask_logits = checkpoint(
-                    self.seg_head, image, feats["stem_features"], patch_tokens, grid, feats["stem_early"], use_reentrant=False
+                    self.seg_head, feats["stem_input"], feats["stem_features"], patch_tokens, grid, feats["stem_early"],
+                    use_reentrant=False,
                 )
             else:
-                mask_logits = self.seg_head(image, feats["stem_features"], patch_tokens, grid, feats["stem_early"])
+                mask_logits = self.seg_head(feats["stem_input"], feats["stem_features"], patch_tokens, grid, feats["stem_early"])
 
         weights = _region_tokens(boxes, grid, mask_tokens, regions, self.soft_boxes)
         region_feat = self.pooling(queries, patch_tokens, grid, weights, None)

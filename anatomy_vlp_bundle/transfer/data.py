@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 #: ``AnatomyVLPModel`` configuration keys that describe its ``AnatomyViT`` backbone.
 _ENCODER_KEYS = ("img_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
-                 "pos_embed", "conv_stem", "stem_channels", "in_channels", "attention")
+                 "pos_embed", "conv_stem", "stem_channels", "in_channels", "attention", "input_windows")
 
 
 def encoder_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
