@@ -234,6 +234,33 @@ def test_gradient_checkpointing_of_stem_and_mask_head_changes_no_value_or_gradie
         torch.testing.assert_close(grads_a[n], grads_b[n], msg=n)
 
 
+def test_input_windows_and_deep_decoder_rebuild_from_the_recorded_config():
+    # the checkpoint's model_config rebuilds the same model (the predictor's path), and a config saved
+    # before these options existed still builds the model it was trained as (no windows, light head)
+    model = tiny_model(3, segmentation=True, input_windows=[[0.425, 0.625]], segmentation_decoder="deep").eval()
+    assert model.config["input_windows"] == [[0.425, 0.625]] and model.config["segmentation_decoder"] == "deep"
+    assert model.backbone.stem_in_channels == 2 and model.seg_head.fine[0].in_channels == 2
+    assert "backbone.window_bounds" not in model.state_dict()
+    rebuilt = AnatomyVLPModel(**model.config).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    model.set_prompt_bank(random_bank(model))
+    rebuilt.set_prompt_bank(random_bank(rebuilt))
+    batch = batch_for(model, 2)
+    with torch.no_grad():
+        a, b = model(batch["image"], None, None, "predicted"), rebuilt(batch["image"], None, None, "predicted")
+    torch.testing.assert_close(a["mask_logits"], b["mask_logits"])
+    torch.testing.assert_close(a["zero_shot_logits"], b["zero_shot_logits"])
+    # the window reaches the mask head: other window bounds, other masks from the same weights
+    other = tiny_model(3, segmentation=True, input_windows=[[0.0, 0.2]], segmentation_decoder="deep").eval()
+    other.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert not torch.allclose(other(batch["image"], None, None, "predicted")["mask_logits"], a["mask_logits"])
+    old = {k: v for k, v in tiny_model(3, segmentation=True).config.items() if k not in ("input_windows", "segmentation_decoder")}
+    legacy = AnatomyVLPModel(**old)
+    assert legacy.backbone.stem_in_channels == 1 and legacy.seg_head.decoder == "light"
+    legacy.load_state_dict(tiny_model(3, segmentation=True).state_dict(), strict=True)
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model(3).eval()
     batch = batch_for(model, 1)
