@@ -114,6 +114,17 @@ def _resolve(value: Any, config: Mapping[str, Any]) -> Any:
     return value
 
 
+def _network_value(key: str, value: Any, raw: Mapping[str, Any]) -> Any:
+    """``network_def#key``: references resolved as literals, a ``$`` expression (e.g. the CT windows from
+    HU) evaluated by MONAI's config parser with the bundle package importable."""
+    if isinstance(value, str) and value.startswith("$"):
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser(dict(raw), globals={"anatomy_vlp_bundle": "anatomy_vlp_bundle"})
+        return parser.get_parsed_content(f"network_def#{key}")
+    return _resolve(value, raw)
+
+
 def load_bench_config(config_file: str | Path = "configs/train.yaml", dataset_dir: str | Path = "data/synthetic_ct") -> BenchConfig:
     """Read the training config's settings; the catalog is the dataset's (as the config's ``catalog``).
 
@@ -122,7 +133,7 @@ def load_bench_config(config_file: str | Path = "configs/train.yaml", dataset_di
         dataset_dir: folder of the dataset's ``datalist.json``.
     """
     raw = yaml.safe_load(Path(config_file).read_text())
-    network = {k: _resolve(v, raw) for k, v in raw["network_def"].items() if k not in ("_target_", "catalog")}
+    network = {k: _network_value(k, v, raw) for k, v in raw["network_def"].items() if k not in ("_target_", "catalog")}
     targets = raw.get("sentence_targets") or {}
     return BenchConfig(
         config_file=str(config_file),
