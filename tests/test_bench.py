@@ -192,6 +192,19 @@ def tiny_bundle(tmp_path_factory):
     return root
 
 
+def test_bench_config_evaluates_network_expressions_as_the_bundle_does(tiny_bundle):
+    # network_def entries that are expressions (the CT windows given in HU) come out as the values the
+    # training config builds, not as the expression strings
+    from anatomy_vlp_bundle.bench.workloads import load_bench_config
+    from monai.bundle import ConfigParser
+
+    cfg = load_bench_config("configs/train.yaml", tiny_bundle / "data")
+    parser = ConfigParser()
+    parser.read_config("configs/train.yaml")
+    assert cfg.network["input_windows"] == parser.get_parsed_content("network_def#input_windows") == [[0.425, 0.625]]
+    assert cfg.network["segmentation_decoder"] == "deep" and cfg.network["img_size"] == [80, 64, 64]
+
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """One torch thread here and in the bench's child processes: on shared cores, two OpenMP threads stall
