@@ -171,16 +171,20 @@ def hu_windows_to_input(windows_hu: Sequence[Sequence[float]] | None, hu_window:
     is ``[[0.425, 0.625]]``. ``None`` or empty: ``None``."""
     if not windows_hu:
         return None
-    lo, hi = (float(v) for v in hu_window)
-    if not hi > lo:
-        raise ValueError(f"hu_window must be (low, high) with high > low, got {tuple(hu_window)!r}")
+    lo, hi = _hu_range(hu_window, "hu_window")
     out = []
     for w in windows_hu:
-        a, b = (float(v) for v in w)
-        if not b > a:
-            raise ValueError(f"a CT window must be (low, high) HU with high > low, got {tuple(w)!r}")
+        a, b = _hu_range(w, "a CT window")
         out.append([(a - lo) / (hi - lo), (b - lo) / (hi - lo)])
     return out
+
+
+def _hu_range(value: Sequence[float], name: str) -> tuple[float, float]:
+    """``(low, high)`` HU as floats; a clear error unless ``high > low``."""
+    lo, hi = (float(v) for v in value)
+    if not hi > lo:
+        raise ValueError(f"{name} must be (low, high) with high > low, got {tuple(value)!r}")
+    return lo, hi
 
 
 def build_transforms(
@@ -231,9 +235,7 @@ def build_transforms(
         roi = tuple(int(r) for r in (roi_size or DEFAULT_CT_ROI))
         if len(spacing) != 3 or len(roi) != 3:
             raise ValueError(f"CT needs 3 spacing values and a 3D roi_size, got {spacing!r}, {roi!r}")
-        lo, hi = (float(v) for v in hu_window)
-        if hi <= lo:
-            raise ValueError(f"hu_window must be (low, high) with high > low, got {hu_window!r}")
+        lo, hi = _hu_range(hu_window, "hu_window")
         chain += [
             Orientationd(SPATIAL_KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
             Spacingd(SPATIAL_KEYS, pixdim=spacing, mode=("bilinear", "nearest"), dtype=torch.float32, allow_missing_keys=True),

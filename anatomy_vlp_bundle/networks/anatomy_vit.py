@@ -440,9 +440,8 @@ class AnatomyViT(nn.Module):
 
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
-        self.input_windows: List[List[float]] = windows  # for reading; the forward uses window_bounds
-        self.num_windows = len(windows)
-        # (n, 2) low / high, a non-persistent buffer: follows .to(device), stays out of the state dict
+        # (n, 2) low / high of the input windows, a non-persistent buffer: follows .to(device), stays out
+        # of the state dict (the model's config records the windows)
         self.register_buffer("window_bounds", torch.tensor(windows, dtype=torch.float32).reshape(-1, 2), persistent=False)
         #: channels of the stem's input (``stem_input``): the image and each of its windows
         self.stem_in_channels = in_channels * (1 + len(windows))
@@ -525,12 +524,13 @@ class AnatomyViT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def window(self, image: torch.Tensor) -> torch.Tensor:
-        """The stem's input: ``image`` with its :attr:`input_windows` appended as channels."""
-        if self.num_windows == 0:
+        """The stem's input: ``image`` with its ``input_windows`` appended as channels."""
+        n = int(self.window_bounds.shape[0])
+        if n == 0:
             return image
         parts = [image]
         bounds = self.window_bounds.to(image.dtype)
-        for i in range(self.num_windows):
+        for i in range(n):
             low, high = bounds[i, 0], bounds[i, 1]
             parts.append(((image - low) / (high - low)).clamp(0.0, 1.0))
         return torch.cat(parts, dim=1)
