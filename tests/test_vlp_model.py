@@ -261,6 +261,30 @@ def test_input_windows_and_deep_decoder_rebuild_from_the_recorded_config():
     legacy.load_state_dict(tiny_model(3, segmentation=True).state_dict(), strict=True)
 
 
+def test_stats_threshold_moves_only_the_image_only_statistics():
+    # the statistics path takes the predicted masks' voxels above the threshold; the mask logits
+    # themselves, and everything computed from given masks, do not change
+    model = tiny_model(3, segmentation=True).eval()
+    model.set_prompt_bank(random_bank(model))
+    batch = batch_for(model, 2)
+    with torch.no_grad():
+        base = model(batch["image"], None, None, "predicted")
+    threshold = float(base["mask_logits"].median())  # half of the predicted voxels leave the regions
+    shifted = tiny_model(3, segmentation=True, stats_threshold=threshold).eval()
+    shifted.load_state_dict(model.state_dict(), strict=True)
+    shifted.set_prompt_bank(random_bank(shifted))
+    assert shifted.config["stats_threshold"] == threshold
+    assert AnatomyVLPModel(**shifted.config).stats_threshold == threshold
+    with torch.no_grad():
+        out = shifted(batch["image"], None, None, "predicted")
+        torch.testing.assert_close(out["mask_logits"], base["mask_logits"])
+        assert not torch.allclose(out["zero_shot_logits"], base["zero_shot_logits"])
+        with_masks = shifted(batch["image"], batch["anatomy"], None, "mask")
+        torch.testing.assert_close(with_masks["zero_shot_logits"], model(batch["image"], batch["anatomy"], None, "mask")["zero_shot_logits"])
+    with pytest.raises(ValueError, match="stats_threshold"):
+        tiny_model(3, stats_threshold=float("nan"))
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model(3).eval()
     batch = batch_for(model, 1)

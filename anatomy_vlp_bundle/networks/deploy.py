@@ -150,6 +150,7 @@ class DeployWrapper(nn.Module):
         self.soft_boxes: bool = model.soft_boxes
         self.region_stats_bins: int = model.region_stats_bins
         self.focal_scales: List[float] = list(model.focal_scales)
+        self.stats_threshold: float = float(model.stats_threshold)
         layout = describe_layout(model.catalog, model.spatial_dims)
         layout["img_size"] = [int(v) for v in model.backbone.img_size]
         layout["preprocessing"] = json.loads(json.dumps(preprocessing or {}))
@@ -213,6 +214,7 @@ class DeployWrapper(nn.Module):
             mask_logits: Optional[torch.Tensor] = None
             if self.seg_head is not None:
                 mask_logits = self.seg_head(feats["stem_input"], feats["stem_features"], patch_tokens, grid, feats["stem_early"])
+                mask_logits = mask_logits - self.stats_threshold
             raw_stats, stats_valid = region_statistics(
                 image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales
             )

@@ -316,6 +316,10 @@ class AnatomyVLPModel(nn.Module):
         stats_from_prediction: in training with given masks, the fraction of samples whose region
             statistics come from the predicted masks instead (so the fusion learns the statistics it
             will see image-only; detached, the masks are trained by the ``detection.mask`` loss).
+        stats_threshold: mask logit above which a voxel belongs to a predicted region of the
+            statistics path (0 = probability 0.5; higher keeps the masks' confident core, away from
+            the uncertain border where neighbouring tissue leaks into the statistics). The mask
+            loss, the Dice and the exported label maps keep 0.
         mask_guided_attention: when masks define the regions, each query attends only to [CLS],
             itself and its region's tokens (fVLM). Image-only inference then differs from training
             (no masks): meant for mask-mode training and evaluation.
@@ -366,6 +370,7 @@ class AnatomyVLPModel(nn.Module):
         prompt_adapter: bool = True,
         segmentation: bool = True,
         stats_from_prediction: float = 0.25,
+        stats_threshold: float = 0.0,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
         head_dropout: float = 0.0,
@@ -438,6 +443,7 @@ class AnatomyVLPModel(nn.Module):
             "prompt_adapter": prompt_adapter,
             "segmentation": segmentation,
             "stats_from_prediction": stats_from_prediction,
+            "stats_threshold": float(stats_threshold),
             "mask_guided_attention": mask_guided_attention,
             "dropout": dropout,
             "head_dropout": head_dropout,
@@ -501,6 +507,9 @@ class AnatomyVLPModel(nn.Module):
         if not 0.0 <= float(stats_from_prediction) <= 1.0:
             raise ValueError(f"AnatomyVLPModel: stats_from_prediction must be in [0, 1], got {stats_from_prediction}")
         self.stats_from_prediction = float(stats_from_prediction)
+        if not math.isfinite(float(stats_threshold)):
+            raise ValueError(f"AnatomyVLPModel: stats_threshold must be a finite mask logit, got {stats_threshold}")
+        self.stats_threshold = float(stats_threshold)
         self.seg_head: Optional[SegmentationHead] = None
         if segmentation:
             self.seg_head = SegmentationHead(
@@ -805,8 +814,11 @@ class AnatomyVLPModel(nn.Module):
                 keep = (torch.rand(b, device=device) >= self.stats_from_prediction).to(stats_masks.dtype)
                 stats_masks = stats_masks * keep.view([b] + [1] * (stats_masks.dim() - 1))
                 stats_regions = "auto"
+            stats_logits = mask_logits
+            if mask_logits is not None and self.stats_threshold != 0.0:
+                stats_logits = mask_logits - self.stats_threshold
             raw_stats, stats_valid = region_statistics(
-                image, stats_masks, boxes, stats_regions, self.region_stats_bins, mask_logits, self.focal_scales
+                image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits, self.focal_scales
             )
             stats = self.region_proj.standardize(raw_stats, stats_valid)
         region_emb = self.region_proj(region_feat, prior_feat, stats)
