@@ -285,6 +285,30 @@ def test_stats_threshold_moves_only_the_image_only_statistics():
         tiny_model(3, stats_threshold=float("nan"))
 
 
+def test_stats_source_flag_marks_predicted_regions():
+    # the flag column is 1 where the statistics come from predicted masks, 0 from given masks
+    model = tiny_model(3, segmentation=True, stats_source_flag=True).eval()
+    plain = tiny_model(3, segmentation=True).eval()
+    width = plain.region_proj.stats_dim
+    assert model.region_proj.stats_dim == width + 1 and model.config["stats_source_flag"] is True
+    model.set_prompt_bank(random_bank(model))
+    seen = []
+    model.region_proj.stats.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    batch = batch_for(model, 2)
+    anatomy = batch["anatomy"].clone()
+    anatomy[1, 0] = 0  # sample 1 lacks the first anatomy's mask: "auto" takes its predicted region
+    with torch.no_grad():
+        model(batch["image"], None, None, "predicted")
+        model(batch["image"], anatomy, None, "mask")
+        model(batch["image"], anatomy, None, "auto")
+    predicted, given, auto = (x[..., -1] for x in seen)
+    assert seen[0].shape[-1] == width + 1
+    assert (predicted == 1).all() and (given[anatomy.flatten(2).sum(-1) > 0] == 0).all()
+    expected = (anatomy.flatten(2).sum(-1) == 0).float()
+    torch.testing.assert_close(auto, expected)
+    assert auto[1, 0] == 1 and auto[0, 0] == 0
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model(3).eval()
     batch = batch_for(model, 1)

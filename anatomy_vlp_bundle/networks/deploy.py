@@ -151,6 +151,7 @@ class DeployWrapper(nn.Module):
         self.region_stats_bins: int = model.region_stats_bins
         self.focal_scales: List[float] = list(model.focal_scales)
         self.stats_threshold: float = float(model.stats_threshold)
+        self.stats_source_flag: bool = model.stats_source_flag
         layout = describe_layout(model.catalog, model.spatial_dims)
         layout["img_size"] = [int(v) for v in model.backbone.img_size]
         layout["preprocessing"] = json.loads(json.dumps(preprocessing or {}))
@@ -218,6 +219,8 @@ class DeployWrapper(nn.Module):
             raw_stats, stats_valid = region_statistics(
                 image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales
             )
+            if self.stats_source_flag:  # image only: always the predicted regions
+                raw_stats = torch.cat([raw_stats, stats_valid.unsqueeze(-1).to(raw_stats.dtype)], dim=-1)
             stats = self.region_proj.standardize(raw_stats, stats_valid)
         region_emb = self.region_proj(region_feat, prior_feat, stats)
         cls_emb = self.cls_proj(feats["cls"])

@@ -320,6 +320,9 @@ class AnatomyVLPModel(nn.Module):
             statistics path (0 = probability 0.5; higher keeps the masks' confident core, away from
             the uncertain border where neighbouring tissue leaks into the statistics). The mask
             loss, the Dice and the exported label maps keep 0.
+        stats_source_flag: append to each region's statistics whether they were taken over a
+            predicted (1) or a given (0) mask, so the fusion can read the two differently
+            (predicted masks of thin organs hold neighbouring tissue that given masks exclude).
         mask_guided_attention: when masks define the regions, each query attends only to [CLS],
             itself and its region's tokens (fVLM). Image-only inference then differs from training
             (no masks): meant for mask-mode training and evaluation.
@@ -371,6 +374,7 @@ class AnatomyVLPModel(nn.Module):
         segmentation: bool = True,
         stats_from_prediction: float = 0.25,
         stats_threshold: float = 0.0,
+        stats_source_flag: bool = False,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
         head_dropout: float = 0.0,
@@ -444,6 +448,7 @@ class AnatomyVLPModel(nn.Module):
             "segmentation": segmentation,
             "stats_from_prediction": stats_from_prediction,
             "stats_threshold": float(stats_threshold),
+            "stats_source_flag": bool(stats_source_flag),
             "mask_guided_attention": mask_guided_attention,
             "dropout": dropout,
             "head_dropout": head_dropout,
@@ -510,6 +515,7 @@ class AnatomyVLPModel(nn.Module):
         if not math.isfinite(float(stats_threshold)):
             raise ValueError(f"AnatomyVLPModel: stats_threshold must be a finite mask logit, got {stats_threshold}")
         self.stats_threshold = float(stats_threshold)
+        self.stats_source_flag = bool(stats_source_flag) and self.region_stats_bins > 0
         self.seg_head: Optional[SegmentationHead] = None
         if segmentation:
             self.seg_head = SegmentationHead(
@@ -522,7 +528,7 @@ class AnatomyVLPModel(nn.Module):
             embed_dim,
             proj_hidden,
             head_dropout,
-            stats_dim(self.region_stats_bins, len(self.focal_scales)),
+            stats_dim(self.region_stats_bins, len(self.focal_scales)) + int(self.stats_source_flag),
             m,
             feature_dropout=feature_dropout,
             path_dropout=path_dropout,
@@ -820,6 +826,14 @@ class AnatomyVLPModel(nn.Module):
             raw_stats, stats_valid = region_statistics(
                 image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits, self.focal_scales
             )
+            if self.stats_source_flag:
+                if stats_masks is None or stats_regions == "predicted":
+                    predicted = torch.ones(b, m, device=device)
+                elif stats_regions == "mask":
+                    predicted = torch.zeros(b, m, device=device)
+                else:  # "auto": the predicted region where the given mask is empty
+                    predicted = (stats_masks.flatten(2).sum(-1) == 0).to(torch.float32)
+                raw_stats = torch.cat([raw_stats, predicted.unsqueeze(-1) * stats_valid.unsqueeze(-1).to(torch.float32)], dim=-1)
             stats = self.region_proj.standardize(raw_stats, stats_valid)
         region_emb = self.region_proj(region_feat, prior_feat, stats)
         if self.training:
