@@ -7,6 +7,9 @@ import torch
 
 from anatomy_vlp_bundle.networks.region_stats import (
     RunningStandardize,
+    background_dim,
+    background_statistics,
+    background_weights,
     focal_statistics,
     gaussian_smooth,
     region_statistics,
@@ -225,3 +228,38 @@ def test_focal_statistics_stay_float32_under_bf16_autocast():
         got, _ = region_statistics(image, anatomy, boxes, "mask", bins=8, focal_scales=[0.0, 2.0])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_background_is_what_no_region_holds_and_its_window_sees_fluid_in_fat():
+    image, anatomy, boxes = _scene()
+    fat, fluid = 0.45, 0.505  # -100 HU and +10 HU on the -1000..1000 input range
+    image[0, 0, 4:, :, :] = fat
+    with_fluid = image.clone()
+    with_fluid[0, 0, 6:, :2, :] = fluid  # a rim of fluid replacing fat outside every anatomy
+    # given masks: the complement of their union (anatomy 1's empty mask adds nothing)
+    weights = background_weights(anatomy, boxes, [8, 8, 8])
+    assert weights.shape == (1, 512) and weights.sum().item() == 512 - 64
+    assert torch.equal(weights.view(8, 8, 8)[:4, :4, :4], torch.zeros(4, 4, 4))
+    # no masks: the predicted masks' union (logits > 0, upsampled), or the boxes without a mask head
+    logits = torch.full((1, 2, 4, 4, 4), -5.0)
+    logits[0, 1, 2:, 2:, 2:] = 5.0  # anatomy 1 predicted in the far corner
+    predicted = background_weights(None, boxes, [8, 8, 8], logits).view(8, 8, 8)
+    assert predicted[7, 7, 7] == 0 and predicted[0, 0, 0] == 1
+    from_boxes = background_weights(None, boxes, [8, 8, 8]).view(8, 8, 8)
+    assert from_boxes[0, 0, 0] == 0 and from_boxes[7, 7, 7] == 0 and from_boxes[0, 7, 0] == 1
+    window = torch.tensor([[0.425, 0.625]])  # -150..250 HU
+    base = background_statistics(image, weights, 32, window)
+    moved = background_statistics(with_fluid, weights, 32, window)
+    assert base.shape == moved.shape == (1, background_dim(32, 1))
+    # the full-range row is a region row over the background; the window row the same over the windowed image
+    region = weights.view(1, 1, 8, 8, 8)
+    one_box = torch.zeros(1, 1, 6)
+    torch.testing.assert_close(base[0, :35], region_statistics(image, region, one_box, "mask", 32)[0][0, 0])
+    windowed = ((image - 0.425) / 0.2).clamp(0, 1)
+    torch.testing.assert_close(base[0, 35:], region_statistics(windowed, region, one_box, "mask", 32)[0][0, 0])
+    win = slice(35 + 3, 35 + 35)
+    fluid_bin = int((fluid - 0.425) / 0.2 * 32)
+    assert moved[0, win][fluid_bin] > base[0, win][fluid_bin] + 1.0  # log histogram
+    assert moved[0, 35 + 1] > base[0, 35 + 1]  # the windowed mean rises
+    # the regions' own statistics do not see it
+    assert torch.allclose(region_statistics(image, anatomy, boxes, "mask", 32)[0], region_statistics(with_fluid, anatomy, boxes, "mask", 32)[0])

@@ -309,6 +309,42 @@ def test_stats_source_flag_marks_predicted_regions():
     assert auto[1, 0] == 1 and auto[0, 0] == 0
 
 
+def test_study_stats_path_feeds_the_study_embedding_from_the_background():
+    # given masks in training (no predicted-mask samples): both samples have a background
+    model = tiny_model(3, segmentation=True, study_stats=True, input_windows=[[0.425, 0.625]], stats_from_prediction=0.0).train()
+    assert model.study_stats is not None and model.study_stats.dim == 2 * (model.region_stats_bins + 3)
+    assert model.config["study_stats"] is True and tiny_model(3, study_stats=True, region_stats=0).study_stats is None
+    model.set_prompt_bank(random_bank(model))
+    batch = batch_for(model, 2)
+    out = model(batch["image"], batch["anatomy"], torch.ones(2, model.num_anatomies, dtype=torch.bool))
+    out["study_logits"].sum().backward()
+    assert model.study_stats.mlp[0].weight.grad is not None and model.study_stats.mlp[0].weight.grad.abs().sum() > 0
+    assert model.study_stats.standardize.count.item() > 0  # running moments updated in training
+    model.eval()
+    # only the background moves the study path: changing voxels outside every given mask changes the
+    # study logits in mask mode, changing voxels inside one does not reach it through this path
+    image = batch["image"].clone()
+    outside = batch["anatomy"].amax(1, keepdim=True) == 0
+    moved = torch.where(outside, (image + 0.3).clamp(0, 1), image)
+    with torch.no_grad():
+        a = model(image, batch["anatomy"], None, "mask")
+        b = model(moved, batch["anatomy"], None, "mask")
+        stats_a = model.study_stats(_background(model, image, batch["anatomy"]))
+        stats_b = model.study_stats(_background(model, moved, batch["anatomy"]))
+    assert not torch.allclose(stats_a, stats_b)
+    assert not torch.allclose(a["study_logits"], b["study_logits"])
+    rebuilt = AnatomyVLPModel(**model.config)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+
+
+def _background(model, image, anatomy):
+    from anatomy_vlp_bundle.networks.region_stats import background_statistics, background_weights
+
+    boxes = torch.zeros(image.shape[0], model.num_anatomies, 6)
+    w = background_weights(anatomy, boxes, list(image.shape[2:]))
+    return background_statistics(image, w, model.region_stats_bins, model.backbone.window_bounds)
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model(3).eval()
     batch = batch_for(model, 1)

@@ -43,11 +43,12 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..data.catalog import Catalog, load_catalog
 from ..losses.alignment import zero_shot_logits
 from .box_ops import boxes_to_token_mask
-from .region_stats import region_statistics
+from .region_stats import background_statistics, background_weights, region_statistics
 from .vlp_model import AnatomyVLPModel, abnormality_from_score, image_patches, max_finding_probability, prior_summary_features
 
 __all__ = ["DeployWrapper", "describe_layout", "script_deploy", "export_torchscript", "export_program", "LAYOUT_VERSION"]
@@ -135,6 +136,8 @@ class DeployWrapper(nn.Module):
             self.seg_head = None
         if model.prompt_adapter is None:
             self.prompt_adapter = None
+        if model.study_stats is None:
+            self.study_stats = None
         for name, param in model.named_parameters(recurse=False):
             self.register_parameter(name, param)
         for name, buf in model.named_buffers(recurse=False):
@@ -211,6 +214,7 @@ class DeployWrapper(nn.Module):
         else:
             prior_feat = region_feat.new_zeros(b, m, 0)
         stats: Optional[torch.Tensor] = None
+        cls_raw = self.cls_proj.net(feats["cls"]).float()
         if self.region_stats_bins > 0:
             mask_logits: Optional[torch.Tensor] = None
             if self.seg_head is not None:
@@ -222,8 +226,12 @@ class DeployWrapper(nn.Module):
             if self.stats_source_flag:  # image only: always the predicted regions
                 raw_stats = torch.cat([raw_stats, stats_valid.unsqueeze(-1).to(raw_stats.dtype)], dim=-1)
             stats = self.region_proj.standardize(raw_stats, stats_valid)
+            study_stats = self.study_stats
+            if study_stats is not None:
+                background = background_weights(None, boxes, spatial, mask_logits)
+                cls_raw = cls_raw + study_stats(background_statistics(image, background, self.region_stats_bins, self.backbone.window_bounds))
         region_emb = self.region_proj(region_feat, prior_feat, stats)
-        cls_emb = self.cls_proj(feats["cls"])
+        cls_emb = F.normalize(cls_raw, dim=-1)
 
         scale = self.logit_scale()
         prompt_pos, prompt_neg = self._adapt(self.prompt_pos), self._adapt(self.prompt_neg)

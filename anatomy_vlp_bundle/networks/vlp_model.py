@@ -68,7 +68,14 @@ from .anatomy_vit import AnatomyViT, masks_to_token_mask
 from .box_ops import boxes_to_token_mask
 from .heads import BoxHead, Projection, RegionPooling, SegmentationHead
 from .normality_prior import NormalityPrior, calibrated_abnormality
-from .region_stats import RunningStandardize, region_statistics, stats_dim
+from .region_stats import (
+    RunningStandardize,
+    background_dim,
+    background_statistics,
+    background_weights,
+    region_statistics,
+    stats_dim,
+)
 
 __all__ = [
     "AnatomyVLPModel",
@@ -138,6 +145,31 @@ def max_finding_probability(probs: torch.Tensor, valid: torch.Tensor) -> torch.T
     if probs.shape[-1] == 0:
         return torch.zeros(probs.shape[0], probs.shape[1], device=probs.device, dtype=probs.dtype)
     return masked.amax(dim=-1)
+
+
+class StudyStatistics(nn.Module):
+    """The study-level statistics path: what no anatomy region and no [CLS] token carries.
+
+    The background's statistics (:func:`~.region_stats.background_statistics`: the voxels outside
+    every anatomy region, over the full range and the backbone's intensity windows), standardised
+    with running moments, through an MLP whose output is added to the [CLS] projection before it
+    is normalised. Study findings are scored from that embedding; a diffuse one such as ascites
+    (fluid along the peritoneum, in the fat between the organs) scored 0.43 from [CLS] alone in
+    the default run, while a logistic probe on the background row reaches 0.96 (given masks).
+
+    ``forward(stats (B, dim))`` -> ``(B, embed_dim)`` (not normalised).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, embed_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.standardize = RunningStandardize(1, self.dim)
+        self.mlp = nn.Sequential(nn.Linear(self.dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, embed_dim))
+
+    def forward(self, stats: torch.Tensor) -> torch.Tensor:
+        valid = (stats != 0).any(dim=-1, keepdim=True)  # an empty background gives zeros
+        z = self.standardize(stats.unsqueeze(1), valid)[:, 0]
+        return self.mlp(z).float()
 
 
 class RegionFusion(nn.Module):
@@ -320,6 +352,9 @@ class AnatomyVLPModel(nn.Module):
             statistics path (0 = probability 0.5; higher keeps the masks' confident core, away from
             the uncertain border where neighbouring tissue leaks into the statistics). The mask
             loss, the Dice and the exported label maps keep 0.
+        study_stats: a study-level statistics path (:class:`StudyStatistics`): the statistics of
+            the voxels outside every anatomy region, added to the [CLS] projection (study findings
+            such as ascites). Needs ``region_stats``.
         stats_source_flag: append to each region's statistics whether they were taken over a
             predicted (1) or a given (0) mask, so the fusion can read the two differently
             (predicted masks of thin organs hold neighbouring tissue that given masks exclude).
@@ -375,6 +410,7 @@ class AnatomyVLPModel(nn.Module):
         stats_from_prediction: float = 0.25,
         stats_threshold: float = 0.0,
         stats_source_flag: bool = False,
+        study_stats: bool = False,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
         head_dropout: float = 0.0,
@@ -449,6 +485,7 @@ class AnatomyVLPModel(nn.Module):
             "stats_from_prediction": stats_from_prediction,
             "stats_threshold": float(stats_threshold),
             "stats_source_flag": bool(stats_source_flag),
+            "study_stats": bool(study_stats),
             "mask_guided_attention": mask_guided_attention,
             "dropout": dropout,
             "head_dropout": head_dropout,
@@ -542,6 +579,10 @@ class AnatomyVLPModel(nn.Module):
             with torch.no_grad():
                 self.prompt_adapter.weight.copy_(torch.eye(embed_dim))
         self.cls_proj = Projection(hidden_size, embed_dim, hidden_dim=proj_hidden, dropout=head_dropout)
+        self.study_stats: Optional[StudyStatistics] = None
+        if study_stats and self.region_stats_bins > 0:
+            n_windows = int(self.backbone.window_bounds.shape[0])
+            self.study_stats = StudyStatistics(background_dim(self.region_stats_bins, n_windows), proj_hidden, embed_dim, head_dropout)
 
         self.logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
         self.disease_logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
@@ -696,6 +737,12 @@ class AnatomyVLPModel(nn.Module):
             if tuple(normal.shape) != (b, m):
                 raise ValueError(f"AnatomyVLPModel: normal must be (B, M) = {(b, m)}, got {tuple(normal.shape)}")
 
+    def _study_embedding(self, cls: torch.Tensor, study_stats: Optional[torch.Tensor]) -> torch.Tensor:
+        """The study embedding: the [CLS] projection, plus the study statistics path when present."""
+        if self.study_stats is None or study_stats is None:
+            return self.cls_proj(cls)
+        return F.normalize(self.cls_proj.net(cls).float() + self.study_stats(study_stats), dim=-1)
+
     def forward(
         self,
         image: torch.Tensor,
@@ -812,6 +859,7 @@ class AnatomyVLPModel(nn.Module):
             perplexity = torch.zeros((), device=device)
 
         stats: Optional[torch.Tensor] = None
+        study_stats: Optional[torch.Tensor] = None
         if self.region_stats_bins > 0:
             stats_masks = anatomy if use_masks else None
             stats_regions = regions if use_masks else "predicted"
@@ -835,6 +883,10 @@ class AnatomyVLPModel(nn.Module):
                     predicted = (stats_masks.flatten(2).sum(-1) == 0).to(torch.float32)
                 raw_stats = torch.cat([raw_stats, predicted.unsqueeze(-1) * stats_valid.unsqueeze(-1).to(torch.float32)], dim=-1)
             stats = self.region_proj.standardize(raw_stats, stats_valid)
+            if self.study_stats is not None:
+                spatial = [int(v) for v in image.shape[2:]]
+                background = background_weights(stats_masks, boxes, spatial, stats_logits)
+                study_stats = background_statistics(image, background, self.region_stats_bins, self.backbone.window_bounds)
         region_emb = self.region_proj(region_feat, prior_feat, stats)
         if self.training:
             keep = (torch.rand(weights.shape, device=weights.device) < self.view2_keep).to(weights.dtype)
@@ -843,7 +895,7 @@ class AnatomyVLPModel(nn.Module):
             region_emb_view2 = self.region_proj(self.pooling(queries, patch_tokens, grid, subset, None), prior_feat, stats)
         else:
             region_emb_view2 = region_emb
-        cls_emb = self.cls_proj(feats["cls"])
+        cls_emb = self._study_embedding(feats["cls"], study_stats)
 
         scale = self.logit_scale()
         prompt_pos, prompt_neg = self.adapt_prompts(self.prompt_pos), self.adapt_prompts(self.prompt_neg)
