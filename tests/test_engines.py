@@ -9,7 +9,7 @@ import torch
 
 from anatomy_vlp_bundle.data.catalog import load_catalog
 from anatomy_vlp_bundle.engines.calibration import closest_to_corner_threshold
-from anatomy_vlp_bundle.engines.checkpoint import CheckpointExtras
+from anatomy_vlp_bundle.engines.checkpoint import CheckpointExtras, check_model_config, model_config_differences
 from anatomy_vlp_bundle.engines.iteration import VLPEvalIteration, VLPTrainIteration
 from anatomy_vlp_bundle.engines.stages import Stage, StageScheduleHandler, parse_stages, stage_boundaries, stage_index
 from anatomy_vlp_bundle.losses.criterion import build_criterion
@@ -173,6 +173,25 @@ def test_checkpoint_extras_roundtrip(tmp_path):
     other = _model()
     CheckpointExtras(other).load_state_dict(ckpt["extras"])
     assert torch.allclose(other.thresholds, torch.tensor(0.3))
+
+
+def test_evaluation_refuses_a_checkpoint_trained_with_other_model_settings(tmp_path):
+    net = _model()
+    path = tmp_path / "c.pt"
+    torch.save({"model": net.state_dict(), "extras": CheckpointExtras(net).state_dict()}, path)
+    check_model_config(path, _model())  # same settings: nothing to say
+    other = AnatomyVLPModel(**{**net.config, "stats_threshold": 2.0})
+    with pytest.raises(ValueError, match=r"c\.pt.*stats_threshold: checkpoint 0\.0, config 2\.0.*--network_def#stats_threshold \"0\.0\""):
+        check_model_config(path, other)
+    check_model_config(path, other, enabled=False)  # on purpose
+    # a checkpoint saved before an option existed counts as its default
+    legacy = CheckpointExtras(net).state_dict()
+    legacy["model_config"] = {k: v for k, v in legacy["model_config"].items() if k not in ("study_stats", "stats_threshold")}
+    torch.save({"model": net.state_dict(), "extras": legacy}, path)
+    check_model_config(path, _model())
+    assert model_config_differences(legacy["model_config"], AnatomyVLPModel(**{**net.config, "study_stats": True}).config) == {
+        "study_stats": (False, True)
+    }
 
 
 def test_closest_to_corner_threshold():

@@ -18,6 +18,7 @@ newest checkpoint that passes, naming every one that does not.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -108,6 +109,66 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"checkpoint {path}: expected a dict with a 'model' state dict, got keys {list(ckpt)[:10]}")
     return ckpt
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (checkpoint value, config value)}`` of the model settings that differ.
+
+    A key the checkpoint does not record (saved before the option existed) counts as the
+    constructor's default, which is how :func:`~anatomy_vlp_bundle.inference.predictor.model_from_checkpoint`
+    rebuilds it. The catalog is compared by name.
+    """
+    import inspect
+
+    from ..networks.vlp_model import AnatomyVLPModel
+
+    params = inspect.signature(AnatomyVLPModel.__init__).parameters
+    diffs: dict[str, tuple[Any, Any]] = {}
+    for key, value in current.items():
+        if key == "catalog":
+            continue
+        if key in saved:
+            old = saved[key]
+        elif key in params and params[key].default is not inspect.Parameter.empty:
+            old = params[key].default
+        else:
+            continue
+        if _json(old) != _json(value):
+            diffs[key] = (_json(old), _json(value))
+    return diffs
+
+
+def check_model_config(path: str | Path, network: torch.nn.Module, enabled: bool = True) -> None:
+    """Refuse to evaluate a checkpoint with other model settings than it was trained with.
+
+    ``monai.bundle run evaluating`` builds ``network_def`` from the configs, not from the checkpoint:
+    a training run with ``--network_def#...`` overrides needs the same overrides at evaluation.
+    Structural differences would fail in the state-dict loading with a long key list; others (a
+    threshold, a flag) would load and silently measure another model. The error names the file,
+    each differing setting and the overrides that reproduce the training. ``enabled=False``
+    (``check_model_config: false``) evaluates with the config's settings on purpose.
+    """
+    if not enabled:
+        return
+    ckpt = load_checkpoint(path)
+    extras = ckpt.get("extras")
+    net = _unwrap(network)
+    current = getattr(net, "config", None)
+    if not isinstance(extras, dict) or not isinstance(extras.get("model_config"), dict) or not isinstance(current, dict):
+        return
+    diffs = model_config_differences(extras["model_config"], current)
+    if diffs:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diffs.items())
+        overrides = " ".join(f'--network_def#{k} "{a!r}"' for k, (a, _) in diffs.items())
+        raise ValueError(
+            f"checkpoint {path}: trained with other model settings than this config's network_def ({listed}). "
+            f"Evaluate with the training's overrides ({overrides}), or set check_model_config to false to "
+            "evaluate with the config's settings on purpose."
+        )
 
 
 def epoch_checkpoints(ckpt_dir: str | Path, prefix: str = "checkpoint") -> list[str]:
