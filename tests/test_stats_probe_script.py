@@ -1,0 +1,54 @@
+"""scripts/stats_probe.py: mirrored regions, labels, the logistic probe and the band-pass features."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anatomy_vlp_bundle.data.catalog import load_catalog
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "stats_probe.py"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("stats_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mirror_index_pairs_left_and_right(probe):
+    names = ["right lung", "left lung", "heart", "right atrium"]
+    assert probe.mirror_index(names) == [1, 0, 2, 3]  # no left atrium: itself
+
+
+def test_labels_of_marks_unknown_and_padding(probe):
+    cat = load_catalog("synthetic_ct")
+    first = cat.anatomies[0]
+    y = probe.labels_of({first.name: {first.findings[0]: 1, first.findings[1]: -1}}, cat)
+    assert y.shape == (cat.num_anatomies, cat.max_findings)
+    assert y[0, 0] == 1 and y[0, 1] == -1 and (y[1:] == -1).all()
+
+
+def test_logistic_probe_separates_an_informative_feature_only(probe):
+    rng = np.random.default_rng(0)
+    y_tr, y_te = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    informative = lambda y: np.stack([y + 0.3 * rng.normal(size=y.shape), rng.normal(size=y.shape)], 1)  # noqa: E731
+    assert probe.logistic_auc(informative(y_tr), y_tr, informative(y_te), y_te, 0.1) > 0.95
+    noise = lambda y: rng.normal(size=(len(y), 2))  # noqa: E731
+    assert abs(probe.logistic_auc(noise(y_tr), y_tr, noise(y_te), y_te, 0.1) - 0.5) < 0.12
+
+
+def test_bandpass_features_see_a_blob_inside_the_region(probe):
+    x = torch.zeros(32, 32)
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :, :16] = True
+    masks[1, :, 16:] = True
+    blob = x.clone()
+    blob[8:12, 4:8] = 1.0  # in region 0
+    plain, hit = probe.bandpass_features(x + 1e-3 * torch.randn(32, 32), masks), probe.bandpass_features(blob, masks)
+    assert plain.shape == hit.shape == (2, 5 * len(probe.BANDPASS_SIGMAS))
+    assert hit[0, 1] > 3 * hit[1, 1].abs()  # region 0's largest band-pass response stands out
