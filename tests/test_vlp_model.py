@@ -314,6 +314,7 @@ def test_study_stats_path_feeds_the_study_embedding_from_the_background():
     model = tiny_model(3, segmentation=True, study_stats=True, input_windows=[[0.425, 0.625]], stats_from_prediction=0.0).train()
     assert model.study_stats is not None and model.study_stats.dim == 2 * (model.region_stats_bins + 3)
     assert model.config["study_stats"] is True and tiny_model(3, study_stats=True, region_stats=0).study_stats is None
+    assert tiny_model(2, study_stats=True).study_stats is None  # a catalog without study findings
     model.set_prompt_bank(random_bank(model))
     batch = batch_for(model, 2)
     out = model(batch["image"], batch["anatomy"], torch.ones(2, model.num_anatomies, dtype=torch.bool))

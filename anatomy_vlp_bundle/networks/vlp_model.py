@@ -354,7 +354,7 @@ class AnatomyVLPModel(nn.Module):
             loss, the Dice and the exported label maps keep 0.
         study_stats: a study-level statistics path (:class:`StudyStatistics`): the statistics of
             the voxels outside every anatomy region, added to the [CLS] projection (study findings
-            such as ascites). Needs ``region_stats``.
+            such as ascites). Needs ``region_stats``; off for a catalog without study findings.
         stats_source_flag: append to each region's statistics whether they were taken over a
             predicted (1) or a given (0) mask, so the fusion can read the two differently
             (predicted masks of thin organs hold neighbouring tissue that given masks exclude).
@@ -580,7 +580,7 @@ class AnatomyVLPModel(nn.Module):
                 self.prompt_adapter.weight.copy_(torch.eye(embed_dim))
         self.cls_proj = Projection(hidden_size, embed_dim, hidden_dim=proj_hidden, dropout=head_dropout)
         self.study_stats: Optional[StudyStatistics] = None
-        if study_stats and self.region_stats_bins > 0:
+        if study_stats and self.region_stats_bins > 0 and self.num_study_findings > 0:
             n_windows = int(self.backbone.window_bounds.shape[0])
             self.study_stats = StudyStatistics(background_dim(self.region_stats_bins, n_windows), proj_hidden, embed_dim, head_dropout)
 
