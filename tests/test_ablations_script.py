@@ -1,19 +1,11 @@
 """scripts/ablations.py builds the ablation overrides from train.yaml's stage schedule."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ablations.py"
 
 
 @pytest.fixture(scope="module")
-def ablations():
-    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def ablations(load_script):
+    return load_script("ablations")
 
 
 @pytest.mark.parametrize("variant,term", [("no_prior", "normality"), ("no_disease", "disease"),

@@ -1,23 +1,15 @@
 """scripts/stats_probe.py: mirrored regions, labels, the logistic probe and the band-pass features."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from anatomy_vlp_bundle.data.catalog import load_catalog
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "stats_probe.py"
-
 
 @pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("stats_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def probe(load_script):
+    return load_script("stats_probe")
 
 
 def test_mirror_index_pairs_left_and_right(probe):
