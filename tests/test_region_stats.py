@@ -247,16 +247,20 @@ def test_background_is_what_no_region_holds_and_its_window_sees_fluid_in_fat():
     assert predicted[7, 7, 7] == 0 and predicted[0, 0, 0] == 1
     from_boxes = background_weights(None, boxes, [8, 8, 8]).view(8, 8, 8)
     assert from_boxes[0, 0, 0] == 0 and from_boxes[7, 7, 7] == 0 and from_boxes[0, 7, 0] == 1
-    window = torch.tensor([[0.425, 0.625]])  # -150..250 HU
-    base = background_statistics(image, weights, 32, window)
-    moved = background_statistics(with_fluid, weights, 32, window)
-    assert base.shape == moved.shape == (1, background_dim(32, 1))
+    def views(x):  # the image and its -150..250 HU window, as the backbone's stem sees them
+        return torch.cat([x, ((x - 0.425) / 0.2).clamp(0, 1)], dim=1)
+
+    base, valid = background_statistics(views(image), weights, 32)
+    moved, _ = background_statistics(views(with_fluid), weights, 32)
+    assert base.shape == moved.shape == (1, background_dim(32, 2)) and valid.tolist() == [True]
     # the full-range row is a region row over the background; the window row the same over the windowed image
     region = weights.view(1, 1, 8, 8, 8)
     one_box = torch.zeros(1, 1, 6)
     torch.testing.assert_close(base[0, :35], region_statistics(image, region, one_box, "mask", 32)[0][0, 0])
     windowed = ((image - 0.425) / 0.2).clamp(0, 1)
     torch.testing.assert_close(base[0, 35:], region_statistics(windowed, region, one_box, "mask", 32)[0][0, 0])
+    empty, empty_valid = background_statistics(views(image), torch.zeros_like(weights), 32)
+    assert empty_valid.tolist() == [False] and torch.equal(empty, torch.zeros_like(empty))
     win = slice(35 + 3, 35 + 35)
     fluid_bin = int((fluid - 0.425) / 0.2 * 32)
     assert moved[0, win][fluid_bin] > base[0, win][fluid_bin] + 1.0  # log histogram

@@ -313,6 +313,8 @@ def test_study_stats_path_feeds_the_study_embedding_from_the_background():
     # given masks in training (no predicted-mask samples): both samples have a background
     model = tiny_model(3, segmentation=True, study_stats=True, input_windows=[[0.425, 0.625]], stats_from_prediction=0.0).train()
     assert model.study_stats is not None and model.study_stats.dim == 2 * (model.region_stats_bins + 3)
+    views = model.backbone.window_views(model.backbone.window(torch.full((1, 1, 8, 8, 8), 0.5)))
+    torch.testing.assert_close(views, torch.cat([torch.full((1, 1, 8, 8, 8), 0.5), torch.full((1, 1, 8, 8, 8), 0.375)], 1))
     assert model.config["study_stats"] is True and tiny_model(3, study_stats=True, region_stats=0).study_stats is None
     assert tiny_model(2, study_stats=True).study_stats is None  # a catalog without study findings
     model.set_prompt_bank(random_bank(model))
@@ -330,8 +332,8 @@ def test_study_stats_path_feeds_the_study_embedding_from_the_background():
     with torch.no_grad():
         a = model(image, batch["anatomy"], None, "mask")
         b = model(moved, batch["anatomy"], None, "mask")
-        stats_a = model.study_stats(_background(model, image, batch["anatomy"]))
-        stats_b = model.study_stats(_background(model, moved, batch["anatomy"]))
+        stats_a = model.study_stats(*_background(model, image, batch["anatomy"]))
+        stats_b = model.study_stats(*_background(model, moved, batch["anatomy"]))
     assert not torch.allclose(stats_a, stats_b)
     assert not torch.allclose(a["study_logits"], b["study_logits"])
     rebuilt = AnatomyVLPModel(**model.config)
@@ -343,7 +345,7 @@ def _background(model, image, anatomy):
 
     boxes = torch.zeros(image.shape[0], model.num_anatomies, 6)
     w = background_weights(anatomy, boxes, list(image.shape[2:]))
-    return background_statistics(image, w, model.region_stats_bins, model.backbone.window_bounds)
+    return background_statistics(model.backbone.window_views(model.backbone.window(image)), w, model.region_stats_bins)
 
 
 def test_bad_inputs_raise_clear_errors():

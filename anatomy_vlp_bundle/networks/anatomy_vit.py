@@ -523,6 +523,14 @@ class AnatomyViT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def window_views(self, stem_input: torch.Tensor) -> torch.Tensor:
+        """``(B, 1 + windows, *S)``: the stem's input (:meth:`window`) as one channel-averaged view
+        per intensity range, the image first, then each window."""
+        shape: List[int] = [int(stem_input.shape[0]), -1, int(self.in_channels)]
+        for s in stem_input.shape[2:]:
+            shape.append(int(s))
+        return stem_input.reshape(shape).mean(dim=2)
+
     def window(self, image: torch.Tensor) -> torch.Tensor:
         """The stem's input: ``image`` with its ``input_windows`` appended as channels."""
         n = int(self.window_bounds.shape[0])

@@ -229,7 +229,9 @@ class DeployWrapper(nn.Module):
             study_stats = self.study_stats
             if study_stats is not None:
                 background = background_weights(None, boxes, spatial, mask_logits)
-                cls_raw = cls_raw + study_stats(background_statistics(image, background, self.region_stats_bins, self.backbone.window_bounds))
+                views = self.backbone.window_views(feats["stem_input"])
+                bg_stats, bg_valid = background_statistics(views, background, self.region_stats_bins)
+                cls_raw = cls_raw + study_stats(bg_stats, bg_valid)
         region_emb = self.region_proj(region_feat, prior_feat, stats)
         cls_emb = F.normalize(cls_raw, dim=-1)
 

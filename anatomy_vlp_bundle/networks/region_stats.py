@@ -180,9 +180,9 @@ def _weighted_row(x: torch.Tensor, x2: torch.Tensor, index: torch.Tensor, w: tor
     return row * valid.unsqueeze(1).to(row.dtype), valid
 
 
-def background_dim(bins: int, windows: int = 0) -> int:
-    """Width of :func:`background_statistics` for ``bins`` bins and ``windows`` intensity windows."""
-    return (1 + int(windows)) * (int(bins) + 3)
+def background_dim(bins: int, views: int = 1) -> int:
+    """Width of :func:`background_statistics` for ``bins`` bins and ``views`` intensity views."""
+    return int(views) * (int(bins) + 3)
 
 
 def background_weights(
@@ -198,7 +198,6 @@ def background_weights(
     is left is free fat, fluid, muscle, bowel and air: where a diffuse study finding such as
     ascites shows.
     """
-    b = boxes.shape[0]
     if mask_logits is not None and mask_logits.numel() > 0:
         # max over anatomies before upsampling: one volume instead of M
         pred = (upsample_mask_logits(mask_logits.detach().amax(dim=1, keepdim=True), spatial)[:, 0].flatten(1) > 0).to(torch.float32)
@@ -208,31 +207,33 @@ def background_weights(
         return 1.0 - pred
     given = anatomy.flatten(2).to(torch.float32).amax(dim=1)
     has_given = given.sum(dim=1, keepdim=True) > 0
-    return 1.0 - torch.where(has_given, given, pred.view(b, -1))
+    return 1.0 - torch.where(has_given, given, pred)
 
 
-def background_statistics(image: torch.Tensor, weights: torch.Tensor, bins: int, windows: torch.Tensor) -> torch.Tensor:
-    """Statistics of the study's background (:func:`background_weights`): ``(B, background_dim)``.
+def background_statistics(views: torch.Tensor, weights: torch.Tensor, bins: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Statistics of the study's background (:func:`background_weights`).
 
-    The row of :func:`region_statistics` (volume, mean, spread, histogram) over the full input
-    range, then over each intensity window ``windows (W, 2)`` (input units, e.g. the soft-tissue
-    window the backbone sees): free fluid in the fat (ascites, 0-30 HU against fat's -100) moves
-    bins 12 HU wide but not the 62 HU bins of the full range. Measured (synthetic CT, given masks,
-    logistic probe on the background row, 32 bins): ascites test AUC 0.74 over the full range,
-    0.96 over the soft-tissue window (-150..250 HU).
+    The row of :func:`region_statistics` (volume, mean, spread, histogram) for each intensity view
+    ``views (B, K, *S)`` in ``[0, 1]``: the image and each of its windows, as the backbone's stem
+    sees them (:meth:`~.anatomy_vit.AnatomyViT.window_views`). Free fluid in the fat (ascites,
+    0-30 HU against fat's -100) moves the 12 HU bins of the soft-tissue window but hardly the 62 HU
+    bins of the full range. Measured (synthetic CT, given masks, logistic probe on the background
+    row, 32 bins): ascites test AUC 0.74 over the full range, 0.96 over the soft-tissue window
+    (-150..250 HU).
+
+    Returns:
+        ``stats`` ``(B, background_dim(bins, K))`` float32 (zeros for an empty background) and
+        ``valid`` ``(B,)`` bool.
     """
-    x = image.to(torch.float32).mean(dim=1).flatten(1).clamp(0.0, 1.0)
+    x = views.to(torch.float32).flatten(2).clamp(0.0, 1.0)  # (B, K, V)
     rows: List[torch.Tensor] = []
-    for k in range(int(windows.shape[0]) + 1):
-        if k > 0:
-            lo, hi = windows[k - 1, 0].to(torch.float32), windows[k - 1, 1].to(torch.float32)
-            xk = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
-        else:
-            xk = x
+    valid = weights.sum(dim=1) > 0
+    for k in range(int(x.shape[1])):
+        xk = x[:, k]
         index = (xk * bins).to(torch.long).clamp(0, bins - 1)
-        row, _ = _weighted_row(xk, xk * xk, index, weights, bins)
+        row, valid = _weighted_row(xk, xk * xk, index, weights, bins)
         rows.append(row)
-    return torch.cat(rows, dim=1)
+    return torch.cat(rows, dim=1), valid
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:

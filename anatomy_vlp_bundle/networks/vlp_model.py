@@ -53,7 +53,7 @@ import math
 import copy
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -157,7 +157,7 @@ class StudyStatistics(nn.Module):
     (fluid along the peritoneum, in the fat between the organs) scored 0.43 from [CLS] alone in
     the default run, while a logistic probe on the background row reaches 0.96 (given masks).
 
-    ``forward(stats (B, dim))`` -> ``(B, embed_dim)`` (not normalised).
+    ``forward(stats (B, dim), valid (B,) bool)`` -> ``(B, embed_dim)`` (not normalised).
     """
 
     def __init__(self, dim: int, hidden_dim: int, embed_dim: int, dropout: float = 0.0) -> None:
@@ -166,9 +166,8 @@ class StudyStatistics(nn.Module):
         self.standardize = RunningStandardize(1, self.dim)
         self.mlp = nn.Sequential(nn.Linear(self.dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, embed_dim))
 
-    def forward(self, stats: torch.Tensor) -> torch.Tensor:
-        valid = (stats != 0).any(dim=-1, keepdim=True)  # an empty background gives zeros
-        z = self.standardize(stats.unsqueeze(1), valid)[:, 0]
+    def forward(self, stats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        z = self.standardize(stats.unsqueeze(1), valid.unsqueeze(1))[:, 0]
         return self.mlp(z).float()
 
 
@@ -581,8 +580,8 @@ class AnatomyVLPModel(nn.Module):
         self.cls_proj = Projection(hidden_size, embed_dim, hidden_dim=proj_hidden, dropout=head_dropout)
         self.study_stats: Optional[StudyStatistics] = None
         if study_stats and self.region_stats_bins > 0 and self.num_study_findings > 0:
-            n_windows = int(self.backbone.window_bounds.shape[0])
-            self.study_stats = StudyStatistics(background_dim(self.region_stats_bins, n_windows), proj_hidden, embed_dim, head_dropout)
+            views = 1 + int(self.backbone.window_bounds.shape[0])
+            self.study_stats = StudyStatistics(background_dim(self.region_stats_bins, views), proj_hidden, embed_dim, head_dropout)
 
         self.logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
         self.disease_logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
@@ -737,11 +736,11 @@ class AnatomyVLPModel(nn.Module):
             if tuple(normal.shape) != (b, m):
                 raise ValueError(f"AnatomyVLPModel: normal must be (B, M) = {(b, m)}, got {tuple(normal.shape)}")
 
-    def _study_embedding(self, cls: torch.Tensor, study_stats: Optional[torch.Tensor]) -> torch.Tensor:
+    def _study_embedding(self, cls: torch.Tensor, study_stats: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The study embedding: the [CLS] projection, plus the study statistics path when present."""
         if self.study_stats is None or study_stats is None:
             return self.cls_proj(cls)
-        return F.normalize(self.cls_proj.net(cls).float() + self.study_stats(study_stats), dim=-1)
+        return F.normalize(self.cls_proj.net(cls).float() + self.study_stats(study_stats[0], study_stats[1]), dim=-1)
 
     def forward(
         self,
@@ -859,7 +858,7 @@ class AnatomyVLPModel(nn.Module):
             perplexity = torch.zeros((), device=device)
 
         stats: Optional[torch.Tensor] = None
-        study_stats: Optional[torch.Tensor] = None
+        study_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if self.region_stats_bins > 0:
             stats_masks = anatomy if use_masks else None
             stats_regions = regions if use_masks else "predicted"
@@ -886,7 +885,8 @@ class AnatomyVLPModel(nn.Module):
             if self.study_stats is not None:
                 spatial = [int(v) for v in image.shape[2:]]
                 background = background_weights(stats_masks, boxes, spatial, stats_logits)
-                study_stats = background_statistics(image, background, self.region_stats_bins, self.backbone.window_bounds)
+                views = self.backbone.window_views(feats["stem_input"])
+                study_stats = background_statistics(views, background, self.region_stats_bins)
         region_emb = self.region_proj(region_feat, prior_feat, stats)
         if self.training:
             keep = (torch.rand(weights.shape, device=weights.device) < self.view2_keep).to(weights.dtype)
