@@ -13,6 +13,9 @@ anatomy region:
   its mean, extremes and 2nd / 98th percentiles divided by the image's band-pass spread (blob
   detectors at nodule-to-consolidation scale, insensitive to the slow gradients that dominate the
   region's own spread);
+- ``window``: the ``stats`` over the image mapped through the checkpoint's input windows
+  (``input_windows``, e.g. CT soft tissue -150..250 HU), one row per window: finer histogram bins
+  where organs and lesions differ by tens of HU;
 - ``+contra``: a feature set minus the same features of the mirrored region (``left`` <-> ``right``
   in the anatomy's name), the symmetry a reader uses.
 
@@ -81,11 +84,18 @@ def labels_of(findings: dict, catalog) -> np.ndarray:
     return out
 
 
-def extract(datalist: str, split: str, catalog, model, thresholds: list[float], bins: int, focal: list[float]) -> dict:
+def window_images(image: torch.Tensor, windows: list[list[float]]) -> list[torch.Tensor]:
+    """``image (1, C, *S)`` in [0, 1] mapped through each ``(low, high)`` window, clipped to [0, 1]."""
+    return [((image - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in windows]
+
+
+def extract(
+    datalist: str, split: str, catalog, model, thresholds: list[float], bins: int, focal: list[float], windows: list[list[float]]
+) -> dict:
     transform = build_transforms(catalog, mode="eval")
     ds = build_dataset(datalist, split, transform)
     sources = ["mask"] + [f"pred>{t:g}" for t in thresholds] if model is not None else ["mask"]
-    out: dict = {f"{src}/{k}": [] for src in sources for k in ("stats", "bandpass")}
+    out: dict = {f"{src}/{k}": [] for src in sources for k in ("stats", "bandpass", "window")}
     out["y"] = []
     for i in range(len(ds)):
         d = ds[i]
@@ -103,6 +113,8 @@ def extract(datalist: str, split: str, catalog, model, thresholds: list[float], 
             stats, _ = region_statistics(image, masks, boxes, "mask", bins, None, focal)
             out[f"{src}/stats"].append(stats[0].numpy())
             out[f"{src}/bandpass"].append(bandpass_features(image[0].mean(0), masks[0] > 0.5).numpy())
+            rows = [region_statistics(w, masks, boxes, "mask", bins, None, focal)[0][0] for w in window_images(image, windows)]
+            out[f"{src}/window"].append(torch.cat(rows, -1).numpy() if rows else np.zeros((catalog.num_anatomies, 0), np.float32))
         out["y"].append(labels_of(d.get("findings"), catalog))
         if (i + 1) % 50 == 0:
             print(f"  {split}: {i + 1}/{len(ds)}", flush=True)
@@ -156,40 +168,57 @@ def probe(train: dict, test: dict, train_key: list[str], test_key: list[str], c:
     return aucs
 
 
-def main(datalist: str, checkpoint: str | None = None, thresholds: str = "0,2", C: float = 0.1, threads: int = 2) -> None:
+def main(
+    datalist: str, checkpoint: str | None = None, thresholds: str = "0,2", C: float = 0.1, threads: int = 2, cache: str | None = None
+) -> None:
+    """``cache``: an ``.npz`` of the extracted features, written on the first run and read (instead of
+    extracting again) on the next ones: to compare probe settings quickly."""
     torch.set_num_threads(int(threads))
     model = None
-    bins, focal = 32, [0.0, 2.0]
+    bins, focal, windows = 32, [0.0, 2.0], []
     if checkpoint:
         from anatomy_vlp_bundle.inference.predictor import model_from_checkpoint
 
         model, extras = model_from_checkpoint(checkpoint)
         catalog = load_catalog(extras.get("catalog") or model.config["catalog"])
         bins, focal = model.region_stats_bins or bins, list(model.focal_scales) or focal
+        windows = [[float(v) for v in w] for w in model.backbone.window_bounds.tolist()]
     else:
         catalog = load_datalist(datalist).catalog()
     ths = [float(t) for t in str(thresholds).split(",") if str(t).strip()] if model is not None else []
-    train = extract(datalist, "training", catalog, model, ths, bins, focal)
-    test = extract(datalist, "test", catalog, model, ths, bins, focal)
+    if cache and Path(cache).is_file():
+        with np.load(cache) as z:  # arrays only (no pickle)
+            train = {k.removeprefix("training:"): z[k] for k in z.files if k.startswith("training:")}
+            test = {k.removeprefix("test:"): z[k] for k in z.files if k.startswith("test:")}
+        print(f"features from {cache}")
+    else:
+        train = extract(datalist, "training", catalog, model, ths, bins, focal, windows)
+        test = extract(datalist, "test", catalog, model, ths, bins, focal, windows)
+        if cache:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **{f"training:{k}": v for k, v in train.items()}, **{f"test:{k}": v for k, v in test.items()})
     mirror = mirror_index(list(catalog.names))
     sets = {"stats": ["stats"], "stats+bandpass": ["stats", "bandpass"], "stats+bandpass+contra": ["stats+contra", "bandpass+contra"]}
+    if windows:
+        sets.update({"stats+window": ["stats", "window"], "stats+window+bandpass": ["stats", "window", "bandpass"]})
     sources = [("mask", "mask")] + [(s, s) for s in (f"pred>{t:g}" for t in ths)] + [("mask", f"pred>{t:g}") for t in ths]
     print(f"\n{catalog.name}: per-(anatomy, finding) logistic probe, C={C}, {len(train['y'])} training / {len(test['y'])} test cases")
     print("| features | " + " | ".join(f"{a} -> {b}" if a != b else a for a, b in sources) + " |")
     print("|---|" + "---|" * len(sources))
-    richest = None
     for name, keys in sets.items():
         cells = []
         for tr, te in sources:
             aucs = probe(train, test, [f"{tr}/{k}" for k in keys], [f"{te}/{k}" for k in keys], C, mirror)
             cells.append(f"{np.mean(list(aucs.values())):.3f} (n={len(aucs)})")
-            if (tr, te) == ("mask", "mask"):
-                richest = aucs
         print(f"| {name} | " + " | ".join(cells) + " |")
-    per: dict[str, list[float]] = {}
-    for (a, f), auc in (richest or {}).items():
-        per.setdefault(catalog.anatomies[a].findings[f], []).append(auc)
-    print("\nper finding (given masks, stats+bandpass+contra): " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in per.items()))
+    richest_name = list(sets)[-1]
+    for tr, te in sources:
+        aucs = probe(train, test, [f"{tr}/{k}" for k in sets[richest_name]], [f"{te}/{k}" for k in sets[richest_name]], C, mirror)
+        per: dict[str, list[float]] = {}
+        for (a, f), auc in aucs.items():
+            per.setdefault(catalog.anatomies[a].findings[f], []).append(auc)
+        source = f"{tr} -> {te}" if tr != te else tr
+        print(f"\nper finding ({source}, {richest_name}): " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in per.items()))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from anatomy_vlp_bundle.networks.anatomy_vit import (
     remap_anatomy_queries,
 )
 from anatomy_vlp_bundle.networks.box_ops import boxes_to_token_mask
-from anatomy_vlp_bundle.networks.heads import BoxHead, Projection, RegionPooling, SegmentationHead
+from anatomy_vlp_bundle.networks.heads import BoxHead, Projection, RegionPooling, SegmentationHead, upsample_mask_logits
 
 KEYS = ("cls", "queries", "patch_tokens", "grid", "stem_features", "stem_early", "stem_input")
 
@@ -435,6 +435,47 @@ def test_deep_mask_head_adds_a_convolution_per_grid_and_scripts(spatial_dims):
     torch.testing.assert_close(scripted(image, stem, tokens, grid, early), out)
     with pytest.raises(ValueError, match="decoder"):
         SegmentationHead(spatial_dims, 8, 16, 5, decoder="unet")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_refined_mask_head_outputs_the_input_grid_and_starts_as_upsampling(spatial_dims):
+    torch.manual_seed(7)
+    spatial = (16, 16, 8) if spatial_dims == 3 else (32, 32)
+    grid = [s // 8 for s in spatial]
+    deep = SegmentationHead(spatial_dims, 8, 16, 5, [4] * spatial_dims, in_channels=2, early_channels=6, decoder="deep")
+    refined = SegmentationHead(spatial_dims, 8, 16, 5, [4] * spatial_dims, in_channels=2, early_channels=6, decoder="deep", refine=True)
+    refined.load_state_dict(deep.state_dict(), strict=False)  # the same decoder weights
+    assert deep.refine is None and refined.refine is not None
+    image = torch.rand(2, 2, *spatial)
+    stem = torch.randn(2, 8, *[s // 4 for s in spatial])
+    tokens = torch.randn(2, math.prod(grid), 16)
+    early = torch.randn(2, 6, *[s // 2 for s in spatial])
+    coarse = deep(image, stem, tokens, grid, early)
+    out = refined(image, stem, tokens, grid, early)
+    assert out.shape == (2, 5, *spatial)
+    # zero-initialised output layer: exactly the upsampled logits until it learns
+    torch.testing.assert_close(out, upsample_mask_logits(coarse, list(spatial)))
+    # it learns from the image: a gradient reaches the MLP's output layer, and with it set, the
+    # correction depends on the voxel's intensity and its 5-voxel neighbourhood only
+    out.sum().backward()
+    assert refined.refine[2].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        refined.refine[2].weight.normal_()
+        a = refined(image, stem, tokens, grid, early)
+        centre = tuple(s // 2 for s in spatial)
+        brighter = image.clone()
+        brighter[(0, 0) + centre] += 0.5  # one voxel
+        fa = refined.refine_logits(coarse, image)
+        fb = refined.refine_logits(coarse, brighter)
+    changed = (fa - fb).abs().amax(dim=1)[0] > 1e-6
+    near = torch.zeros(spatial, dtype=torch.bool)
+    near[tuple(slice(c - 2, c + 3) for c in centre)] = True
+    assert changed[centre] and not changed[~near].any() and changed.sum() > 3**spatial_dims
+    assert torch.equal(fa[1], fb[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(refined)
+    torch.testing.assert_close(scripted(image, stem, tokens, grid, early), a)
 
 
 def test_input_windows_are_appended_channels_of_the_stem_input():

@@ -53,6 +53,9 @@ def trained_like_model(spatial_dims=3, seed=0, **kwargs):
         return torch.stack([table[t] for t in texts])
 
     model.set_prompt_bank(PromptBank.from_texts(build_prompt_texts(model.catalog), encode))
+    if model.seg_head is not None and model.seg_head.refine is not None:
+        with torch.no_grad():  # a trained refinement is not the zero-initialised identity
+            model.seg_head.refine[2].weight.normal_(generator=g)
     m, f, s = model.num_anatomies, model.num_findings, model.num_study_findings
     model.set_thresholds(torch.rand(m, f, generator=g), torch.rand(s, generator=g))
     if model.prior is not None:
@@ -106,7 +109,9 @@ def test_describe_layout():
     "spatial_dims,kwargs",
     [(3, {}), (2, {}), (3, {"prior": None}), (2, {"prior_on": "tokens"}), (3, {"conv_stem": False, "soft_boxes": True}),
      (3, {"input_windows": [[0.425, 0.625]], "segmentation_decoder": "deep"}), (3, {"stats_threshold": 0.5, "stats_source_flag": True}),
-     (3, {"study_stats": True, "input_windows": [[0.425, 0.625]]}), (2, {"study_stats": True, "catalog": "cxr_imagenome29"})],
+     (3, {"study_stats": True, "input_windows": [[0.425, 0.625]]}), (2, {"study_stats": True, "catalog": "cxr_imagenome29"}),
+     (3, {"stats_views": True, "study_stats": True, "input_windows": [[0.425, 0.625]]}),
+     (3, {"mask_refine": True, "segmentation_decoder": "deep", "input_windows": [[0.425, 0.625]]})],
 )
 def test_pred_layout_matches_model_and_scripts(spatial_dims, kwargs):
     model = trained_like_model(spatial_dims, **kwargs)

@@ -267,3 +267,43 @@ def test_background_is_what_no_region_holds_and_its_window_sees_fluid_in_fat():
     assert moved[0, 35 + 1] > base[0, 35 + 1]  # the windowed mean rises
     # the regions' own statistics do not see it
     assert torch.allclose(region_statistics(image, anatomy, boxes, "mask", 32)[0], region_statistics(with_fluid, anatomy, boxes, "mask", 32)[0])
+
+
+def test_per_view_statistics_are_each_views_own_rows_and_the_window_sees_a_cyst():
+    # per_view: one histogram row and one set of focal features per intensity view, in that order;
+    # a water-density cyst (+10 HU) in enhancing parenchyma (+150 HU) next to fat (-100 HU)
+    image, anatomy, boxes = _scene()
+    parenchyma, cyst = 0.575, 0.505  # +150 HU and +10 HU on the -1000..1000 input range
+    image[0, 0, :4, :4, :4] = parenchyma
+    image[0, 0, 3, :, :] = 0.45  # a fat rim inside the region
+    with_cyst = image.clone()
+    with_cyst[0, 0, 1:3, 1:3, 1:3] = cyst
+
+    def views(x):
+        return torch.cat([x, ((x - 0.425) / 0.2).clamp(0, 1)], dim=1)
+
+    scales = [0.0]
+    one = region_statistics(image, anatomy, boxes, "mask", 32, None, scales)[0]
+    both, valid = region_statistics(views(image), anatomy, boxes, "mask", 32, None, scales, per_view=True)
+    assert both.shape == (1, 2, stats_dim(32, 1, 2)) and valid.tolist() == [[True, False]]
+    row = 32 + 3
+    windowed = views(image)[:, 1:]
+    win_only = region_statistics(windowed, anatomy, boxes, "mask", 32, None, scales)[0]
+    torch.testing.assert_close(both[..., :row], one[..., :row])  # the image's row first
+    torch.testing.assert_close(both[..., row : 2 * row], win_only[..., :row])  # then the window's
+    torch.testing.assert_close(both[..., 2 * row : 2 * row + 2], one[..., row:])  # focal: image, then window
+    torch.testing.assert_close(both[..., 2 * row + 2 :], win_only[..., row:])
+    # without per_view the channels are averaged, as before
+    torch.testing.assert_close(region_statistics(views(image), anatomy, boxes, "mask", 32)[0], region_statistics(views(image).mean(1, keepdim=True), anatomy, boxes, "mask", 32)[0])
+    # the cyst (+10 HU) shares the full range's 62 HU bin with the soft tissue at the region's edge
+    # (+50 HU): a small rise there; in the window it fills an empty 12 HU bin of its own
+    edged = image.clone()
+    edged[0, 0, :4, :4, 0] = 0.525
+    with_cyst = edged.clone()
+    with_cyst[0, 0, 1:3, 1:3, 1:3] = cyst
+    before = region_statistics(views(edged), anatomy, boxes, "mask", 32, None, scales, per_view=True)[0]
+    moved = region_statistics(views(with_cyst), anatomy, boxes, "mask", 32, None, scales, per_view=True)[0]
+    full_bin, win_bin = int(cyst * 32), int((cyst - 0.425) / 0.2 * 32)
+    assert full_bin == int(0.525 * 32) and win_bin != int((0.525 - 0.425) / 0.2 * 32)
+    assert moved[0, 0, 3 + full_bin] - before[0, 0, 3 + full_bin] < 1.0
+    assert moved[0, 0, row + 3 + win_bin] > before[0, 0, row + 3 + win_bin] + 3.0

@@ -15,6 +15,7 @@ from anatomy_vlp_bundle.losses import (
 from anatomy_vlp_bundle.networks import AnatomyVLPModel, masks_to_token_mask
 from anatomy_vlp_bundle.networks.box_ops import boxes_to_normalized_cxcywh, boxes_to_token_mask
 from anatomy_vlp_bundle.networks.normality_prior import fit_score_calibration
+from anatomy_vlp_bundle.networks.region_stats import region_statistics
 from anatomy_vlp_bundle.text.prompts import PromptBank, build_prompt_texts
 
 CT_CATALOG = {
@@ -307,6 +308,28 @@ def test_stats_source_flag_marks_predicted_regions():
     expected = (anatomy.flatten(2).sum(-1) == 0).float()
     torch.testing.assert_close(auto, expected)
     assert auto[1, 0] == 1 and auto[0, 0] == 0
+
+
+def test_stats_views_give_each_window_its_own_statistics():
+    # the region statistics of the image and of each input window, the same function the tests of
+    # region_stats check, fed with the stem's views
+    windows = [[0.425, 0.625]]
+    model = tiny_model(3, segmentation=True, stats_views=True, input_windows=windows).eval()
+    plain = tiny_model(3, segmentation=True, input_windows=windows).eval()
+    width = plain.region_proj.stats_dim
+    assert model.region_proj.stats_dim == 2 * width and model.config["stats_views"] is True
+    assert AnatomyVLPModel(**model.config).stats_views is True
+    assert tiny_model(3, stats_views=True, region_stats=0).stats_views is False
+    model.set_prompt_bank(random_bank(model))
+    seen = []
+    model.region_proj.stats.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    batch = batch_for(model, 2)
+    with torch.no_grad():
+        model(batch["image"], batch["anatomy"], None, "mask")
+    views = model.backbone.window_views(model.backbone.window(batch["image"]))
+    boxes = torch.zeros(2, model.num_anatomies, 6)
+    expected, _ = region_statistics(views, batch["anatomy"], boxes, "mask", model.region_stats_bins, None, model.focal_scales, True)
+    torch.testing.assert_close(seen[0], expected)
 
 
 def test_study_stats_path_feeds_the_study_embedding_from_the_background():

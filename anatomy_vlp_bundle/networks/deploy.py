@@ -155,6 +155,7 @@ class DeployWrapper(nn.Module):
         self.focal_scales: List[float] = list(model.focal_scales)
         self.stats_threshold: float = float(model.stats_threshold)
         self.stats_source_flag: bool = model.stats_source_flag
+        self.stats_views: bool = model.stats_views
         layout = describe_layout(model.catalog, model.spatial_dims)
         layout["img_size"] = [int(v) for v in model.backbone.img_size]
         layout["preprocessing"] = json.loads(json.dumps(preprocessing or {}))
@@ -220,8 +221,10 @@ class DeployWrapper(nn.Module):
             if self.seg_head is not None:
                 mask_logits = self.seg_head(feats["stem_input"], feats["stem_features"], patch_tokens, grid, feats["stem_early"])
                 mask_logits = mask_logits - self.stats_threshold
+            views = self.backbone.window_views(feats["stem_input"])
+            stats_image = views if self.stats_views else image
             raw_stats, stats_valid = region_statistics(
-                image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales
+                stats_image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales, self.stats_views
             )
             if self.stats_source_flag:  # image only: always the predicted regions
                 raw_stats = torch.cat([raw_stats, stats_valid.unsqueeze(-1).to(raw_stats.dtype)], dim=-1)
@@ -229,7 +232,6 @@ class DeployWrapper(nn.Module):
             study_stats = self.study_stats
             if study_stats is not None:
                 background = background_weights(None, boxes, spatial, mask_logits)
-                views = self.backbone.window_views(feats["stem_input"])
                 bg_stats, bg_valid = background_statistics(views, background, self.region_stats_bins)
                 cls_raw = cls_raw + study_stats(bg_stats, bg_valid)
         region_emb = self.region_proj(region_feat, prior_feat, stats)

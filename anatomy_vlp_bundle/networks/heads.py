@@ -214,9 +214,20 @@ class SegmentationHead(nn.Module):
         decoder: ``"light"`` (one 3x3 convolution on each grid, as above) or ``"deep"`` (two on each
             grid, and ``2 * fine`` channels on the fine grid). Measured on frozen features of the
             default CT checkpoint (600 steps of batch 4, validation split): see docs/README.md.
+        refine: a full-resolution stage (:meth:`refine_logits`): the fine-grid logits upsampled to
+            the input grid plus a per-voxel correction from those logits and the image's intensities
+            (each view, and its local means over 3 and 5 voxels) through a two-layer pointwise MLP
+            whose output layer starts at zero (the stage starts as plain upsampling). 8 mm cells
+            cannot leave out what lies in an organ's concavities, the spinal canal's fluid inside a
+            vertebra or the fat of the renal sinus, and that tissue mimics the lesions the
+            statistics look for (lytic foci, cysts). Measured with a logistic probe on the region
+            statistics (synthetic CT test split): given masks 0.925, the same masks pooled to 8 mm
+            cells and upsampled 0.864.
+        refine_hidden: hidden width of the refinement MLP.
 
     ``forward(image (B, C, *S), stem_features (B, C_s, *G), patch_tokens (B, N, D), grid, early)`` ->
-    ``(B, M, *S // fine_stride)`` logits (``early`` is resampled to the fine grid if its size differs).
+    ``(B, M, *S // fine_stride)`` logits, or ``(B, M, *S)`` with ``refine`` (``early`` is resampled
+    to the fine grid if its size differs).
     """
 
     def __init__(
@@ -231,6 +242,8 @@ class SegmentationHead(nn.Module):
         fine: int = 16,
         early_channels: int = 0,
         decoder: str = "light",
+        refine: bool = False,
+        refine_hidden: int = 16,
     ) -> None:
         super().__init__()
         if decoder not in SEGMENTATION_DECODERS:
@@ -256,6 +269,15 @@ class SegmentationHead(nn.Module):
         fuse.append(conv(width, num_anatomies, kernel_size=1))
         self.fuse = nn.Sequential(*fuse)
         self.decoder = decoder
+        self.spatial_dims = int(spatial_dims)
+        self.refine: Optional[nn.Sequential] = None
+        if refine:
+            # per voxel: the M upsampled logits, and each intensity view with its 3- and 5-voxel means
+            self.refine = nn.Sequential(
+                nn.Linear(num_anatomies + 3 * in_channels, refine_hidden), nn.GELU(), nn.Linear(refine_hidden, num_anatomies)
+            )
+            nn.init.zeros_(self.refine[2].weight)
+            nn.init.zeros_(self.refine[2].bias)
 
     def forward(
         self,
@@ -306,7 +328,26 @@ class SegmentationHead(nn.Module):
         for j, layer in enumerate(self.fuse):
             if j > 0:  # the first convolution is the split sum above
                 y = layer(y)
+        if self.refine is not None:
+            y = self.refine_logits(y, image)
         return y
+
+    def refine_logits(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """``(B, M, *S)``: the fine-grid ``logits`` upsampled to ``image``'s grid plus the pointwise
+        MLP's correction from ``[upsampled logits, image, its 3- and 5-voxel local means]``."""
+        size: List[int] = []
+        for s in image.shape[2:]:
+            size.append(int(s))
+        up = F.interpolate(logits, size=size, mode=self.interp_mode, align_corners=False)
+        x = image.to(up.dtype)
+        if self.spatial_dims == 3:
+            mean3 = F.avg_pool3d(x, 3, 1, 1, count_include_pad=False)
+            mean5 = F.avg_pool3d(x, 5, 1, 2, count_include_pad=False)
+        else:
+            mean3 = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+            mean5 = F.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+        feats = torch.cat([up, x, mean3, mean5], dim=1).movedim(1, -1)  # channels last: one matmul per layer
+        return up + self.refine(feats).movedim(-1, 1)
 
 
 def upsample_mask_logits(logits: torch.Tensor, size: List[int]) -> torch.Tensor:

@@ -47,10 +47,10 @@ __all__ = ["background_dim", "background_statistics", "background_weights", "foc
 FOCAL_PER_SCALE = 2
 
 
-def stats_dim(bins: int, focal_scales: int = 0) -> int:
-    """Width of :func:`region_statistics` for ``bins`` histogram bins and ``focal_scales`` smoothing
-    scales of the focal features (0 bins: off, width 0)."""
-    return 0 if bins <= 0 else int(bins) + 3 + FOCAL_PER_SCALE * int(focal_scales)
+def stats_dim(bins: int, focal_scales: int = 0, views: int = 1) -> int:
+    """Width of :func:`region_statistics` for ``bins`` histogram bins, ``focal_scales`` smoothing
+    scales of the focal features and ``views`` intensity views (0 bins: off, width 0)."""
+    return 0 if bins <= 0 else int(views) * (int(bins) + 3 + FOCAL_PER_SCALE * int(focal_scales))
 
 
 def region_voxel_weights(
@@ -118,13 +118,18 @@ def region_statistics(
     bins: int,
     mask_logits: Optional[torch.Tensor] = None,
     focal_scales: Optional[List[float]] = None,
+    per_view: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Statistics of every anatomy region (see the module docstring).
 
     One anatomy at a time, so memory stays ``O(B * voxels)`` whatever the number of anatomies.
 
     Args:
-        image: ``(B, C, *S)`` in ``[0, 1]`` (channels averaged).
+        image: ``(B, C, *S)`` in ``[0, 1]``: channels averaged, or with ``per_view`` each channel an
+            intensity view (the image and its windows, :meth:`~.anatomy_vit.AnatomyViT.window_views`)
+            with its own statistics: a CT soft-tissue window's 12 HU bins separate a water-density
+            cyst (0-15 HU) or a lytic focus (10-60 HU) from the enhancing parenchyma or bone around
+            it and from the fat at the region's edge, which the full range's 62 HU bins mix.
         anatomy: optional ``(B, M, *S)`` masks.
         boxes: ``(B, M, 2d)`` normalised centre-size boxes.
         regions: ``"mask"``, ``"predicted"`` or ``"auto"`` (as the model's ``regions``).
@@ -134,18 +139,29 @@ def region_statistics(
             (:func:`focal_statistics`), appended after the histogram; ``None`` or empty: none.
 
     Returns:
-        ``stats`` ``(B, M, stats_dim(bins, len(focal_scales)))`` float32 and ``valid`` ``(B, M)`` bool (the region holds a
-        voxel; an empty region's statistics are zeros).
+        ``stats`` ``(B, M, stats_dim(bins, len(focal_scales), views))`` float32 (``views`` = ``C``
+        with ``per_view``, else 1; the views' histogram rows first, then their focal features) and
+        ``valid`` ``(B, M)`` bool (the region holds a voxel; an empty region's statistics are zeros).
     """
     b = image.shape[0]
     m = boxes.shape[1]
     spatial: List[int] = []
     for s in image.shape[2:]:
         spatial.append(int(s))
-    x = image.to(torch.float32).mean(dim=1).flatten(1).clamp(0.0, 1.0)  # (B, V)
-    n_vox = x.shape[1]
-    index = (x * bins).to(torch.long).clamp(0, bins - 1)
-    x2 = x * x
+    x_all = image.to(torch.float32)
+    if not per_view:
+        x_all = x_all.mean(dim=1, keepdim=True)
+    x_all = x_all.flatten(2).clamp(0.0, 1.0)  # (B, K, V)
+    k_views = int(x_all.shape[1])
+    n_vox = x_all.shape[2]
+    xs: List[torch.Tensor] = []
+    x2s: List[torch.Tensor] = []
+    indices: List[torch.Tensor] = []
+    for k in range(k_views):
+        xk = x_all[:, k]
+        xs.append(xk)
+        x2s.append(xk * xk)
+        indices.append((xk * bins).to(torch.long).clamp(0, bins - 1))
     rows: List[torch.Tensor] = []
     valids: List[torch.Tensor] = []
     scales: List[float] = [] if focal_scales is None else focal_scales
@@ -154,14 +170,22 @@ def region_statistics(
         w = region_voxel_weights(anatomy, boxes, a, spatial, regions, mask_logits)
         if len(scales) > 0:  # overlapping regions: the first anatomy keeps the voxel
             label = torch.where((w > 0.5) & (label == m), torch.full_like(label, a), label)
-        row, valid = _weighted_row(x, x2, index, w, bins)
-        rows.append(row)
+        view_rows: List[torch.Tensor] = []
+        valid = w.sum(dim=1) > 0
+        for k in range(k_views):
+            row, valid = _weighted_row(xs[k], x2s[k], indices[k], w, bins)
+            view_rows.append(row)
+        rows.append(torch.cat(view_rows, dim=1))
         valids.append(valid)
     stats = torch.stack(rows, dim=1)
     valid_all = torch.stack(valids, dim=1)
     if len(scales) > 0:
         # zeros already where a region has no interior voxel (a subset of the empty regions)
-        stats = torch.cat([stats, focal_statistics(x.view([b] + spatial), label.view([b] + spatial), m, scales)], dim=-1)
+        lab = label.view([b] + spatial)
+        focal: List[torch.Tensor] = [stats]
+        for k in range(k_views):
+            focal.append(focal_statistics(xs[k].view([b] + spatial), lab, m, scales))
+        stats = torch.cat(focal, dim=-1)
     return stats, valid_all
 
 

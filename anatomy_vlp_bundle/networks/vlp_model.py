@@ -354,6 +354,10 @@ class AnatomyVLPModel(nn.Module):
         study_stats: a study-level statistics path (:class:`StudyStatistics`): the statistics of
             the voxels outside every anatomy region, added to the [CLS] projection (study findings
             such as ascites). Needs ``region_stats``; off for a catalog without study findings.
+        stats_views: the region statistics (histogram rows and focal features) of every intensity
+            view the stem sees (:meth:`~.anatomy_vit.AnatomyViT.window_views`: the image and each of
+            its ``input_windows``) instead of the image alone; with a CT soft-tissue window, bins of
+            12 HU where the full range has 62 HU (see :func:`~.region_stats.region_statistics`).
         stats_source_flag: append to each region's statistics whether they were taken over a
             predicted (1) or a given (0) mask, so the fusion can read the two differently
             (predicted masks of thin organs hold neighbouring tissue that given masks exclude).
@@ -378,9 +382,11 @@ class AnatomyVLPModel(nn.Module):
             load with the default.
         input_windows: extra intensity windows ``(low, high)`` in the input's units, appended as
             channels to the stem's and the mask head's input (:class:`AnatomyViT`); the region
-            statistics stay on the image itself. ``None`` (default): none.
+            statistics stay on the image itself unless ``stats_views``. ``None`` (default): none.
         segmentation_decoder: the mask head's decoder, ``"light"`` (default; one convolution per
             grid) or ``"deep"`` (two per grid, wider at the fine grid) (:class:`SegmentationHead`).
+        mask_refine: the mask head's full-resolution stage (``SegmentationHead(refine=True)``):
+            ``mask_logits`` then come on the input grid.
     """
 
     def __init__(
@@ -409,6 +415,7 @@ class AnatomyVLPModel(nn.Module):
         stats_from_prediction: float = 0.25,
         stats_threshold: float = 0.0,
         stats_source_flag: bool = False,
+        stats_views: bool = False,
         study_stats: bool = False,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
@@ -426,6 +433,7 @@ class AnatomyVLPModel(nn.Module):
         attention: str = "auto",
         input_windows: Optional[Sequence[Sequence[float]]] = None,
         segmentation_decoder: str = "light",
+        mask_refine: bool = False,
     ) -> None:
         super().__init__()
         cat = load_catalog(dict(catalog) if isinstance(catalog, Mapping) else catalog)
@@ -484,6 +492,7 @@ class AnatomyVLPModel(nn.Module):
             "stats_from_prediction": stats_from_prediction,
             "stats_threshold": float(stats_threshold),
             "stats_source_flag": bool(stats_source_flag),
+            "stats_views": bool(stats_views),
             "study_stats": bool(study_stats),
             "mask_guided_attention": mask_guided_attention,
             "dropout": dropout,
@@ -501,6 +510,7 @@ class AnatomyVLPModel(nn.Module):
             "attention": attention,
             "input_windows": None if input_windows is None else [[float(v) for v in w] for w in input_windows],
             "segmentation_decoder": segmentation_decoder,
+            "mask_refine": bool(mask_refine),
         }
 
         m = self.num_anatomies
@@ -552,11 +562,14 @@ class AnatomyVLPModel(nn.Module):
             raise ValueError(f"AnatomyVLPModel: stats_threshold must be a finite mask logit, got {stats_threshold}")
         self.stats_threshold = float(stats_threshold)
         self.stats_source_flag = bool(stats_source_flag) and self.region_stats_bins > 0
+        self.stats_views = bool(stats_views) and self.region_stats_bins > 0
+        n_views = 1 + int(self.backbone.window_bounds.shape[0])
         self.seg_head: Optional[SegmentationHead] = None
         if segmentation:
             self.seg_head = SegmentationHead(
                 dims, self.backbone.stem_channels, hidden_size, m, self.backbone.stem_stride,
                 self.backbone.stem_in_channels, early_channels=self.backbone.early_channels, decoder=segmentation_decoder,
+                refine=bool(mask_refine),
             )
         self.region_proj = RegionFusion(
             self.pooling.out_dim,
@@ -564,7 +577,7 @@ class AnatomyVLPModel(nn.Module):
             embed_dim,
             proj_hidden,
             head_dropout,
-            stats_dim(self.region_stats_bins, len(self.focal_scales)) + int(self.stats_source_flag),
+            stats_dim(self.region_stats_bins, len(self.focal_scales), n_views if self.stats_views else 1) + int(self.stats_source_flag),
             m,
             feature_dropout=feature_dropout,
             path_dropout=path_dropout,
@@ -580,8 +593,7 @@ class AnatomyVLPModel(nn.Module):
         self.cls_proj = Projection(hidden_size, embed_dim, hidden_dim=proj_hidden, dropout=head_dropout)
         self.study_stats: Optional[StudyStatistics] = None
         if study_stats and self.region_stats_bins > 0 and self.num_study_findings > 0:
-            views = 1 + int(self.backbone.window_bounds.shape[0])
-            self.study_stats = StudyStatistics(background_dim(self.region_stats_bins, views), proj_hidden, embed_dim, head_dropout)
+            self.study_stats = StudyStatistics(background_dim(self.region_stats_bins, n_views), proj_hidden, embed_dim, head_dropout)
 
         self.logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
         self.disease_logit_scale = LogitScale(init_temperature, min_temperature, max_temperature)
@@ -763,7 +775,7 @@ class AnatomyVLPModel(nn.Module):
 
             - ``cls_emb`` (B, E), ``region_emb`` (B, M, E), ``region_emb_view2`` (B, M, E): unit vectors;
             - ``boxes`` (B, M, 2d) normalised (cx, cy, [cz], w, h, [d]); ``presence_logits`` (B, M);
-              ``mask_logits`` (B, M, *S // (stem_stride / 2)) anatomy mask logits (empty without the head);
+              ``mask_logits`` (B, M, *S // (stem_stride / 2)), or (B, M, *S) with ``mask_refine``: anatomy mask logits (empty without the head);
             - ``zero_shot_logits`` (B, M, F) (0 on padding), ``study_logits`` (B, S);
             - ``anatomy_score`` (B, M) worst patch error, ``abnormality`` (B, M) in [0, 1] (prior:
               calibrated percentile, or ``score / (1 + score)`` before calibration; no prior: the
@@ -870,8 +882,10 @@ class AnatomyVLPModel(nn.Module):
             stats_logits = mask_logits
             if mask_logits is not None and self.stats_threshold != 0.0:
                 stats_logits = mask_logits - self.stats_threshold
+            views = self.backbone.window_views(feats["stem_input"]) if (self.stats_views or self.study_stats is not None) else image
             raw_stats, stats_valid = region_statistics(
-                image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits, self.focal_scales
+                views if self.stats_views else image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits,
+                self.focal_scales, self.stats_views,
             )
             if self.stats_source_flag:
                 if stats_masks is None or stats_regions == "predicted":
@@ -885,7 +899,6 @@ class AnatomyVLPModel(nn.Module):
             if self.study_stats is not None:
                 spatial = [int(v) for v in image.shape[2:]]
                 background = background_weights(stats_masks, boxes, spatial, stats_logits)
-                views = self.backbone.window_views(feats["stem_input"])
                 study_stats = background_statistics(views, background, self.region_stats_bins)
         region_emb = self.region_proj(region_feat, prior_feat, stats)
         if self.training:
