@@ -307,3 +307,29 @@ def test_per_view_statistics_are_each_views_own_rows_and_the_window_sees_a_cyst(
     assert full_bin == int(0.525 * 32) and win_bin != int((0.525 - 0.425) / 0.2 * 32)
     assert moved[0, 0, 3 + full_bin] - before[0, 0, 3 + full_bin] < 1.0
     assert moved[0, 0, row + 3 + win_bin] > before[0, 0, row + 3 + win_bin] + 3.0
+
+
+def test_deeper_focal_interior_leaves_out_the_border_layer_where_a_mask_error_lands():
+    # a predicted mask one voxel too wide puts dark neighbouring tissue in the region's second
+    # layer: depth 1 reads it as the region's darkest focus, depth 2 does not
+    torch.manual_seed(1)
+    image = 0.6 + 0.002 * torch.randn(1, 1, 20, 20, 20)
+    organ = torch.zeros(1, 1, 20, 20, 20)
+    organ[0, 0, 4:16, 4:16, 4:16] = 1
+    too_wide = torch.zeros_like(organ)
+    too_wide[0, 0, 2:18, 2:18, 2:18] = 1
+    image[0, 0, 3, 8:12, 8:12] = 0.4  # dark tissue just outside the organ, inside the wide mask
+    boxes = torch.zeros(1, 1, 6)
+    label = torch.where(too_wide[:, 0] > 0, 0, 1).long()
+    from anatomy_vlp_bundle.networks.region_stats import _interior
+
+    one, two = _interior(label, 1), _interior(label, 2)
+    assert one[0, 3, 10, 10] and not two[0, 3, 10, 10] and two[0, 4, 10, 10]
+    assert two.sum() < one.sum() and (two & ~one).sum() == 0
+    d1, _ = region_statistics(image, too_wide, boxes, "mask", 8, None, [0.0], focal_depth=1)
+    d2, _ = region_statistics(image, too_wide, boxes, "mask", 8, None, [0.0], focal_depth=2)
+    zmin1, zmin2 = d1[0, 0, -1], d2[0, 0, -1]
+    assert zmin1 < -10.0 and zmin2 > -6.0  # the dark layer dominates depth 1 only
+    torch.testing.assert_close(d1[..., :-2], d2[..., :-2])  # the histogram row does not change
+    scripted = torch.jit.script(region_statistics)
+    torch.testing.assert_close(scripted(image, too_wide, boxes, "mask", 8, None, [0.0], False, 2)[0], d2)

@@ -44,3 +44,43 @@ def test_bandpass_features_see_a_blob_inside_the_region(probe):
     plain, hit = probe.bandpass_features(x + 1e-3 * torch.randn(32, 32), masks), probe.bandpass_features(blob, masks)
     assert plain.shape == hit.shape == (2, 5 * len(probe.BANDPASS_SIGMAS))
     assert hit[0, 1] > 3 * hit[1, 1].abs()  # region 0's largest band-pass response stands out
+
+
+def test_window_images_map_each_window_to_the_unit_range(probe):
+    image = torch.tensor([[[0.0, 0.425, 0.525, 0.625, 1.0]]])
+    (win,) = probe.window_images(image, [[0.425, 0.625]])
+    torch.testing.assert_close(win, torch.tensor([[[0.0, 0.0, 0.5, 1.0, 1.0]]]))
+    assert probe.window_images(image, []) == []
+
+
+def test_cache_is_written_once_and_read_instead_of_extracting(probe, tmp_path, monkeypatch, capsys):
+    # features extracted once, stored as plain arrays, and read back by the next run
+    rng = np.random.default_rng(0)
+    cat = load_catalog("synthetic_ct")
+    m, f = cat.num_anatomies, cat.max_findings
+
+    def fake_extract(datalist, split, catalog, model, thresholds, bins, focal, windows):
+        calls.append(split)
+        n = 40
+        y = np.full((n, m, f), -1)
+        y[:, 0, 0] = np.arange(n) % 2
+        stats = rng.normal(size=(n, m, 3)).astype(np.float32)
+        stats[:, 0, 0] += 3 * y[:, 0, 0]
+        return {"mask/stats": stats, "mask/bandpass": rng.normal(size=(n, m, 2)), "mask/window": np.zeros((n, m, 0)), "y": y}
+
+    calls = []
+    monkeypatch.setattr(probe, "extract", fake_extract)
+    monkeypatch.setattr(probe, "load_datalist", lambda path: type("D", (), {"catalog": lambda self: cat})())
+    cache = tmp_path / "probe" / "ct.npz"
+    probe.main("unused.json", cache=str(cache))
+    first = capsys.readouterr().out
+    assert calls == ["training", "test"] and cache.is_file()
+    with np.load(cache) as z:  # arrays only: loads without pickle
+        assert {"training:y", "test:mask/stats"} <= set(z.files)
+    probe.main("unused.json", cache=str(cache))
+    second = capsys.readouterr().out
+    assert calls == ["training", "test"]  # not extracted again
+    assert f"features from {cache}" in second
+    table = [line for line in first.splitlines() if line.startswith("| stats |")]
+    assert table and table == [line for line in second.splitlines() if line.startswith("| stats |")]
+    assert float(table[0].split("|")[2].split()[0]) > 0.9  # the informative pair, from cached features

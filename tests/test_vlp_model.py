@@ -330,6 +330,19 @@ def test_stats_views_give_each_window_its_own_statistics():
     boxes = torch.zeros(2, model.num_anatomies, 6)
     expected, _ = region_statistics(views, batch["anatomy"], boxes, "mask", model.region_stats_bins, None, model.focal_scales, True)
     torch.testing.assert_close(seen[0], expected)
+    # focal_depth reaches the statistics the same way
+    deeper = tiny_model(3, segmentation=True, stats_views=True, input_windows=windows, focal_depth=2).eval()
+    deeper.load_state_dict(model.state_dict(), strict=True)
+    deeper.set_prompt_bank(random_bank(deeper))
+    assert deeper.config["focal_depth"] == 2 and AnatomyVLPModel(**deeper.config).focal_depth == 2
+    seen.clear()
+    deeper.region_proj.stats.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        deeper(batch["image"], batch["anatomy"], None, "mask")
+    expected2, _ = region_statistics(views, batch["anatomy"], boxes, "mask", model.region_stats_bins, None, model.focal_scales, True, 2)
+    torch.testing.assert_close(seen[0], expected2)
+    with pytest.raises(ValueError, match="focal_depth"):
+        tiny_model(3, focal_depth=0)
 
 
 def test_study_stats_path_feeds_the_study_embedding_from_the_background():

@@ -156,6 +156,7 @@ class DeployWrapper(nn.Module):
         self.stats_threshold: float = float(model.stats_threshold)
         self.stats_source_flag: bool = model.stats_source_flag
         self.stats_views: bool = model.stats_views
+        self.focal_depth: int = model.focal_depth
         layout = describe_layout(model.catalog, model.spatial_dims)
         layout["img_size"] = [int(v) for v in model.backbone.img_size]
         layout["preprocessing"] = json.loads(json.dumps(preprocessing or {}))
@@ -224,7 +225,8 @@ class DeployWrapper(nn.Module):
             views = self.backbone.window_views(feats["stem_input"])
             stats_image = views if self.stats_views else image
             raw_stats, stats_valid = region_statistics(
-                stats_image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales, self.stats_views
+                stats_image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales, self.stats_views,
+                self.focal_depth,
             )
             if self.stats_source_flag:  # image only: always the predicted regions
                 raw_stats = torch.cat([raw_stats, stats_valid.unsqueeze(-1).to(raw_stats.dtype)], dim=-1)

@@ -119,6 +119,7 @@ def region_statistics(
     mask_logits: Optional[torch.Tensor] = None,
     focal_scales: Optional[List[float]] = None,
     per_view: bool = False,
+    focal_depth: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Statistics of every anatomy region (see the module docstring).
 
@@ -137,6 +138,8 @@ def region_statistics(
         mask_logits: optional ``(B, M, *G)`` predicted mask logits (the predicted regions; else boxes).
         focal_scales: Gaussian sigmas (voxels; 0 = unsmoothed) of the focal features
             (:func:`focal_statistics`), appended after the histogram; ``None`` or empty: none.
+        per_view: one set of statistics per channel of ``image`` (see ``image``).
+        focal_depth: interior depth of the focal features (:func:`focal_statistics`).
 
     Returns:
         ``stats`` ``(B, M, stats_dim(bins, len(focal_scales), views))`` float32 (``views`` = ``C``
@@ -184,7 +187,7 @@ def region_statistics(
         lab = label.view([b] + spatial)
         focal: List[torch.Tensor] = [stats]
         for k in range(k_views):
-            focal.append(focal_statistics(xs[k].view([b] + spatial), lab, m, scales))
+            focal.append(focal_statistics(xs[k].view([b] + spatial), lab, m, scales, focal_depth))
         stats = torch.cat(focal, dim=-1)
     return stats, valid_all
 
@@ -285,8 +288,9 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y
 
 
-def _interior(label: torch.Tensor) -> torch.Tensor:
-    """``(B, *S)`` bool: the voxel's face neighbours (2d of them) all carry its label."""
+def _interior(label: torch.Tensor, depth: int = 1) -> torch.Tensor:
+    """``(B, *S)`` bool: the voxel's face neighbours (2d of them) all carry its label; with
+    ``depth`` k > 1, the same of the depth-(k-1) interior (k face steps from any other label)."""
     same = torch.ones(label.shape, dtype=torch.bool, device=label.device)
     for axis in range(1, label.dim()):
         n = int(label.shape[axis])
@@ -295,10 +299,17 @@ def _interior(label: torch.Tensor) -> torch.Tensor:
         same.narrow(axis, 1, n - 1).logical_and_(eq)
         same.narrow(axis, 0, 1).fill_(False)  # the image border is not interior
         same.narrow(axis, n - 1, 1).fill_(False)
+    for _ in range(1, int(depth)):
+        deeper = same.clone()
+        for axis in range(1, label.dim()):
+            n = int(label.shape[axis])
+            deeper.narrow(axis, 0, n - 1).logical_and_(same.narrow(axis, 1, n - 1))
+            deeper.narrow(axis, 1, n - 1).logical_and_(same.narrow(axis, 0, n - 1))
+        same = deeper
     return same
 
 
-def focal_statistics(x: torch.Tensor, label: torch.Tensor, m: int, scales: List[float]) -> torch.Tensor:
+def focal_statistics(x: torch.Tensor, label: torch.Tensor, m: int, scales: List[float], depth: int = 1) -> torch.Tensor:
     """Local-extreme features of each region: what a small lesion changes in a large organ.
 
     Computed in float32 whatever the autocast policy (see :func:`gaussian_smooth`).
@@ -319,13 +330,16 @@ def focal_statistics(x: torch.Tensor, label: torch.Tensor, m: int, scales: List[
         label: ``(B, *S)`` long region index per voxel, ``m`` = none.
         m: number of regions.
         scales: Gaussian sigmas in voxels (0: unsmoothed).
+        depth: the interior's depth in face steps (1: the voxel's face neighbours share its label;
+            2 also keeps out the second layer, where a predicted mask's border error puts
+            neighbouring tissue: the spinal canal's fluid in a vertebra mimics a lytic focus).
 
     Returns:
         ``(B, m, FOCAL_PER_SCALE * len(scales))``; regions without interior voxels get zeros.
     """
     b = x.shape[0]
     x = x.to(torch.float32)
-    index = torch.where(_interior(label), label, torch.full_like(label, m)).flatten(1)  # (B, V)
+    index = torch.where(_interior(label, depth), label, torch.full_like(label, m)).flatten(1)  # (B, V)
     ones = torch.ones(index.shape, dtype=torch.float32, device=x.device)
     count = torch.zeros(b, m + 1, device=x.device).scatter_add_(1, index, ones)
     has = (count[:, :m] > 0).to(torch.float32)

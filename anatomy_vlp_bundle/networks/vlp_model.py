@@ -336,6 +336,9 @@ class AnatomyVLPModel(nn.Module):
             :mod:`.region_stats`); 0 = off (the "no region statistics" ablation).
         focal_scales: Gaussian sigmas (voxels, 0 = unsmoothed) of the focal statistics appended to
             the region statistics (:func:`~.region_stats.focal_statistics`); empty = none.
+        focal_depth: interior depth (face steps from the region's border) of the voxels the focal
+            statistics read (1: the face neighbours share the label; 2: the border's second layer,
+            where a predicted mask's error puts neighbouring tissue, is left out as well).
         feature_dropout: :class:`RegionFusion` dropout on the token-path input (training only).
         path_dropout: :class:`RegionFusion` probability that a sample's token path is dropped in
             training (the statistics path is kept).
@@ -408,6 +411,7 @@ class AnatomyVLPModel(nn.Module):
         prior_cells: str = "any",
         region_stats: int = 32,
         focal_scales: Sequence[float] = (0.0, 2.0),
+        focal_depth: int = 1,
         feature_dropout: float = 0.5,
         path_dropout: float = 0.5,
         prompt_adapter: bool = True,
@@ -485,6 +489,7 @@ class AnatomyVLPModel(nn.Module):
             "prior_cells": prior_cells,
             "region_stats": region_stats,
             "focal_scales": [float(v) for v in focal_scales],
+            "focal_depth": int(focal_depth),
             "feature_dropout": feature_dropout,
             "path_dropout": path_dropout,
             "prompt_adapter": prompt_adapter,
@@ -555,6 +560,9 @@ class AnatomyVLPModel(nn.Module):
         self.focal_scales: List[float] = [float(v) for v in focal_scales] if self.region_stats_bins > 0 else []
         if any(v < 0 for v in self.focal_scales):
             raise ValueError(f"AnatomyVLPModel: focal_scales are Gaussian sigmas in voxels (>= 0), got {list(focal_scales)}")
+        if int(focal_depth) < 1:
+            raise ValueError(f"AnatomyVLPModel: focal_depth must be >= 1 (face steps), got {focal_depth}")
+        self.focal_depth = int(focal_depth)
         if not 0.0 <= float(stats_from_prediction) <= 1.0:
             raise ValueError(f"AnatomyVLPModel: stats_from_prediction must be in [0, 1], got {stats_from_prediction}")
         self.stats_from_prediction = float(stats_from_prediction)
@@ -885,7 +893,7 @@ class AnatomyVLPModel(nn.Module):
             views = self.backbone.window_views(feats["stem_input"]) if (self.stats_views or self.study_stats is not None) else image
             raw_stats, stats_valid = region_statistics(
                 views if self.stats_views else image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits,
-                self.focal_scales, self.stats_views,
+                self.focal_scales, self.stats_views, self.focal_depth,
             )
             if self.stats_source_flag:
                 if stats_masks is None or stats_regions == "predicted":
