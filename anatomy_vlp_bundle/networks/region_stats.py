@@ -154,17 +154,9 @@ def region_statistics(
     x_all = image.to(torch.float32)
     if not per_view:
         x_all = x_all.mean(dim=1, keepdim=True)
-    x_all = x_all.flatten(2).clamp(0.0, 1.0)  # (B, K, V)
-    k_views = int(x_all.shape[1])
-    n_vox = x_all.shape[2]
-    xs: List[torch.Tensor] = []
-    x2s: List[torch.Tensor] = []
-    indices: List[torch.Tensor] = []
-    for k in range(k_views):
-        xk = x_all[:, k]
-        xs.append(xk)
-        x2s.append(xk * xk)
-        indices.append((xk * bins).to(torch.long).clamp(0, bins - 1))
+    xs, x2s, indices = _view_bins(x_all, bins)
+    k_views = len(xs)
+    n_vox = xs[0].shape[1]
     rows: List[torch.Tensor] = []
     valids: List[torch.Tensor] = []
     scales: List[float] = [] if focal_scales is None else focal_scales
@@ -173,12 +165,8 @@ def region_statistics(
         w = region_voxel_weights(anatomy, boxes, a, spatial, regions, mask_logits)
         if len(scales) > 0:  # overlapping regions: the first anatomy keeps the voxel
             label = torch.where((w > 0.5) & (label == m), torch.full_like(label, a), label)
-        view_rows: List[torch.Tensor] = []
-        valid = w.sum(dim=1) > 0
-        for k in range(k_views):
-            row, valid = _weighted_row(xs[k], x2s[k], indices[k], w, bins)
-            view_rows.append(row)
-        rows.append(torch.cat(view_rows, dim=1))
+        row, valid = _views_row(xs, x2s, indices, w, bins)
+        rows.append(row)
         valids.append(valid)
     stats = torch.stack(rows, dim=1)
     valid_all = torch.stack(valids, dim=1)
@@ -190,6 +178,34 @@ def region_statistics(
             focal.append(focal_statistics(xs[k].view([b] + spatial), lab, m, scales, focal_depth))
         stats = torch.cat(focal, dim=-1)
     return stats, valid_all
+
+
+def _view_bins(views: torch.Tensor, bins: int) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """Per view of ``views (B, K, *S)``: intensities clamped to ``[0, 1]`` ``(B, V)``, their squares and
+    their histogram bins (computed once, read by every region's row)."""
+    x = views.to(torch.float32).flatten(2).clamp(0.0, 1.0)  # (B, K, V)
+    xs: List[torch.Tensor] = []
+    x2s: List[torch.Tensor] = []
+    indices: List[torch.Tensor] = []
+    for k in range(int(x.shape[1])):
+        xk = x[:, k]
+        xs.append(xk)
+        x2s.append(xk * xk)
+        indices.append((xk * bins).to(torch.long).clamp(0, bins - 1))
+    return xs, x2s, indices
+
+
+def _views_row(
+    xs: List[torch.Tensor], x2s: List[torch.Tensor], indices: List[torch.Tensor], w: torch.Tensor, bins: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The :func:`_weighted_row` of every view (:func:`_view_bins`) under weights ``w (B, V)``,
+    concatenated ``(B, K * (bins + 3))``, and ``valid (B,)``."""
+    rows: List[torch.Tensor] = []
+    valid = w.sum(dim=1) > 0
+    for k in range(len(xs)):
+        row, valid = _weighted_row(xs[k], x2s[k], indices[k], w, bins)
+        rows.append(row)
+    return torch.cat(rows, dim=1), valid
 
 
 def _weighted_row(x: torch.Tensor, x2: torch.Tensor, index: torch.Tensor, w: torch.Tensor, bins: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -252,15 +268,8 @@ def background_statistics(views: torch.Tensor, weights: torch.Tensor, bins: int)
         ``stats`` ``(B, background_dim(bins, K))`` float32 (zeros for an empty background) and
         ``valid`` ``(B,)`` bool.
     """
-    x = views.to(torch.float32).flatten(2).clamp(0.0, 1.0)  # (B, K, V)
-    rows: List[torch.Tensor] = []
-    valid = weights.sum(dim=1) > 0
-    for k in range(int(x.shape[1])):
-        xk = x[:, k]
-        index = (xk * bins).to(torch.long).clamp(0, bins - 1)
-        row, valid = _weighted_row(xk, xk * xk, index, weights, bins)
-        rows.append(row)
-    return torch.cat(rows, dim=1), valid
+    xs, x2s, indices = _view_bins(views, bins)
+    return _views_row(xs, x2s, indices, weights, bins)
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
