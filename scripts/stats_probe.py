@@ -172,7 +172,9 @@ def main(
     datalist: str, checkpoint: str | None = None, thresholds: str = "0,2", C: float = 0.1, threads: int = 2, cache: str | None = None
 ) -> None:
     """``cache``: an ``.npz`` of the extracted features, written on the first run and read (instead of
-    extracting again) on the next ones: to compare probe settings quickly."""
+    extracting again) on the next ones: to compare probe settings quickly. It records the datalist,
+    checkpoint and thresholds it was extracted with; a run with others stops with an error naming
+    the file instead of probing stale features."""
     torch.set_num_threads(int(threads))
     model = None
     bins, focal, windows = 32, [0.0, 2.0], []
@@ -186,8 +188,15 @@ def main(
     else:
         catalog = load_datalist(datalist).catalog()
     ths = [float(t) for t in str(thresholds).split(",") if str(t).strip()] if model is not None else []
+    source = {"datalist": str(datalist), "checkpoint": str(checkpoint or ""), "thresholds": ",".join(f"{t:g}" for t in ths)}
     if cache and Path(cache).is_file():
         with np.load(cache) as z:  # arrays only (no pickle)
+            stored = {k.removeprefix("source:"): str(z[k]) for k in z.files if k.startswith("source:")}
+            if stored != source:
+                raise ValueError(
+                    f"stats_probe: the feature cache {cache} was extracted with {stored or 'unrecorded settings'}, "
+                    f"this run asks for {source}: pass another --cache path or delete the file"
+                )
             train = {k.removeprefix("training:"): z[k] for k in z.files if k.startswith("training:")}
             test = {k.removeprefix("test:"): z[k] for k in z.files if k.startswith("test:")}
         print(f"features from {cache}")
@@ -196,7 +205,12 @@ def main(
         test = extract(datalist, "test", catalog, model, ths, bins, focal, windows)
         if cache:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **{f"training:{k}": v for k, v in train.items()}, **{f"test:{k}": v for k, v in test.items()})
+            np.savez(
+                cache,
+                **{f"training:{k}": v for k, v in train.items()},
+                **{f"test:{k}": v for k, v in test.items()},
+                **{f"source:{k}": np.array(v) for k, v in source.items()},  # unicode arrays: no pickle
+            )
     mirror = mirror_index(list(catalog.names))
     sets = {"stats": ["stats"], "stats+bandpass": ["stats", "bandpass"], "stats+bandpass+contra": ["stats+contra", "bandpass+contra"]}
     if windows:

@@ -84,3 +84,7 @@ def test_cache_is_written_once_and_read_instead_of_extracting(probe, tmp_path, m
     table = [line for line in first.splitlines() if line.startswith("| stats |")]
     assert table and table == [line for line in second.splitlines() if line.startswith("| stats |")]
     assert float(table[0].split("|")[2].split()[0]) > 0.9  # the informative pair, from cached features
+    # a cache extracted for another datalist is refused, naming the file, and nothing is extracted
+    with pytest.raises(ValueError, match=r"feature cache .*ct\.npz.*other\.json"):
+        probe.main("other.json", cache=str(cache))
+    assert calls == ["training", "test"]
