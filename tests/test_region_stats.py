@@ -333,3 +333,30 @@ def test_deeper_focal_interior_leaves_out_the_border_layer_where_a_mask_error_la
     torch.testing.assert_close(d1[..., :-2], d2[..., :-2])  # the histogram row does not change
     scripted = torch.jit.script(region_statistics)
     torch.testing.assert_close(scripted(image, too_wide, boxes, "mask", 8, None, [0.0], False, 2)[0], d2)
+
+
+def test_statistics_do_not_depend_on_how_many_anatomies_are_held_at_once():
+    # "auto" with a given mask for some (sample, anatomy) pairs, predicted masks for the others and a
+    # predicted mask that is empty everywhere (its box is used): chunks of 1, 2 and all anatomies agree
+    torch.manual_seed(0)
+    b, m, size = 3, 5, [12, 10, 8]
+    image = torch.rand(b, 2, *size)
+    anatomy = torch.zeros(b, m, *size)
+    anatomy[0, 1, 2:6, 2:6, 2:6] = 1
+    anatomy[2, 3, 5:11, 1:4, :] = 1
+    logits = torch.randn(b, m, 6, 5, 4)
+    logits[:, 4] = -5.0  # no predicted voxel: the box
+    boxes = torch.rand(b, m, 6) * 0.4 + 0.3
+    ref, valid = region_statistics(image, anatomy, boxes, "auto", 8, logits, [0.0, 1.0], True, 1, chunk=m)
+    assert valid.all()
+    for chunk in (1, 2):
+        out, v = region_statistics(image, anatomy, boxes, "auto", 8, logits, [0.0, 1.0], True, 1, chunk=chunk)
+        torch.testing.assert_close(out, ref)
+        assert torch.equal(v, valid)
+    # one anatomy's row is the statistics of exactly its region_voxel_weights
+    from anatomy_vlp_bundle.networks.region_stats import region_voxel_weights
+
+    w = region_voxel_weights(anatomy, boxes, 4, size, "auto", logits)
+    x = image[:, 0].flatten(1)
+    mean = (w * x).sum(1) / w.sum(1)
+    torch.testing.assert_close(ref[:, 4, 1], mean)

@@ -35,11 +35,12 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .box_ops import boxes_to_token_mask
 from .heads import upsample_mask_logits
 
-__all__ = ["background_dim", "background_statistics", "background_weights", "focal_statistics", "gaussian_smooth", "region_statistics", "region_voxel_weights", "RunningStandardize", "stats_dim"]
+__all__ = ["background_dim", "background_statistics", "background_weights", "focal_statistics", "gaussian_smooth", "region_statistics", "region_voxel_weights", "region_weight_maps", "RunningStandardize", "stats_dim"]
 
 
 
@@ -74,40 +75,65 @@ def region_voxel_weights(
         regions: ``"mask"``, ``"predicted"`` or ``"auto"``.
         mask_logits: optional ``(B, M, *G)`` predicted mask logits on any grid (detached here).
     """
-    # only what is used is rasterised: the given mask first, the predicted mask where it is missing,
-    # the box where both are (a voxel-level box or upsampled mask per anatomy is the costly part)
+    return region_weight_maps(anatomy, boxes, index, index + 1, spatial, regions, mask_logits)[:, 0]
+
+
+def region_weight_maps(
+    anatomy: Optional[torch.Tensor],
+    boxes: torch.Tensor,
+    start: int,
+    stop: int,
+    spatial: List[int],
+    regions: str,
+    mask_logits: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``(B, stop - start, V)``: :func:`region_voxel_weights` of anatomies ``start .. stop - 1`` at once
+    (one upsampling of their mask logits, one selection per source)."""
     mask_w: Optional[torch.Tensor] = None
     has_mask = torch.zeros(0, dtype=torch.bool)
     if anatomy is not None and regions != "predicted":
-        mask_w = anatomy[:, index].flatten(1).to(torch.float32)
+        mask_w = anatomy[:, start:stop].flatten(2).to(torch.float32)
         if regions == "mask":
             return mask_w
-        has_mask = mask_w.sum(dim=1, keepdim=True) > 0
+        has_mask = mask_w.sum(dim=2, keepdim=True) > 0
         if bool(has_mask.all()):
             return mask_w
-    pred_w = _predicted_weights(boxes, index, spatial, mask_logits)
+    if mask_logits is None:
+        pred_w = _box_maps(boxes, start, stop, spatial)
+    else:
+        pred_w = _predicted_maps(mask_logits[:, start:stop].detach(), spatial)
+        has_pred = pred_w.sum(dim=2, keepdim=True) > 0
+        need_boxes = True
+        if not torch.jit.is_scripting():
+            # eager (training): skip the full-resolution box masks when no region needs them; under
+            # torch.export no branch on the data, always the select
+            if not torch.compiler.is_compiling() and bool(has_pred.all()):
+                need_boxes = False
+        if need_boxes:
+            pred_w = torch.where(has_pred, pred_w, _box_maps(boxes, start, stop, spatial))
     if mask_w is None:
         return pred_w
     return torch.where(has_mask, mask_w, pred_w)
 
 
-def _predicted_weights(boxes: torch.Tensor, index: int, spatial: List[int], mask_logits: Optional[torch.Tensor]) -> torch.Tensor:
-    """``(B, V)`` the predicted mask of anatomy ``index`` where non-empty, else its predicted box."""
-    if mask_logits is None:
-        return _box_weights(boxes, index, spatial)
-    pred_w = (upsample_mask_logits(mask_logits[:, index : index + 1].detach(), spatial)[:, 0].flatten(1) > 0).to(torch.float32)
-    has_pred = pred_w.sum(dim=1, keepdim=True) > 0
-    if not torch.jit.is_scripting():
-        # eager (training): skip the full-resolution box masks when no sample needs them; under
-        # torch.export no branch on the data, always the select
-        if not torch.compiler.is_compiling() and bool(has_pred.all()):
-            return pred_w
-    return torch.where(has_pred, pred_w, _box_weights(boxes, index, spatial))
+def _predicted_maps(logits: torch.Tensor, spatial: List[int]) -> torch.Tensor:
+    """``(B, R, V)`` float: ``logits (B, R, *G)`` upsampled (bi/trilinear) to ``spatial`` and thresholded
+    at 0. Interpolated channels-last and thresholded before the layout copy: the copy then moves
+    bytes, not floats (measured, 11 CT anatomies, batch 4 to 80 x 64 x 64: 44 ms against 62 ms)."""
+    x = logits.float()
+    if x.dim() == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        mode = "trilinear"
+    else:
+        x = x.contiguous(memory_format=torch.channels_last)
+        mode = "bilinear"
+    up = F.interpolate(x, size=spatial, mode=mode, align_corners=False) > 0
+    return up.contiguous().flatten(2).to(torch.float32)
 
 
-def _box_weights(boxes: torch.Tensor, index: int, spatial: List[int]) -> torch.Tensor:
-    """``(B, V)`` voxels covered by the predicted box of anatomy ``index``."""
-    return boxes_to_token_mask(boxes[:, index : index + 1].detach(), spatial, False)[:, 0].to(torch.float32)
+def _box_maps(boxes: torch.Tensor, start: int, stop: int, spatial: List[int]) -> torch.Tensor:
+    """``(B, stop - start, V)`` voxels covered by the predicted boxes of those anatomies."""
+    return boxes_to_token_mask(boxes[:, start:stop].detach(), spatial, False).to(torch.float32)
 
 
 def region_statistics(
@@ -120,10 +146,12 @@ def region_statistics(
     focal_scales: Optional[List[float]] = None,
     per_view: bool = False,
     focal_depth: int = 1,
+    chunk: int = 16,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Statistics of every anatomy region (see the module docstring).
 
-    One anatomy at a time, so memory stays ``O(B * voxels)`` whatever the number of anatomies.
+    ``chunk`` anatomies at a time (their voxel weights in one tensor), so memory stays
+    ``O(chunk * B * voxels)`` whatever the number of anatomies.
 
     Args:
         image: ``(B, C, *S)`` in ``[0, 1]``: channels averaged, or with ``per_view`` each channel an
@@ -140,6 +168,7 @@ def region_statistics(
             (:func:`focal_statistics`), appended after the histogram; ``None`` or empty: none.
         per_view: one set of statistics per channel of ``image`` (see ``image``).
         focal_depth: interior depth of the focal features (:func:`focal_statistics`).
+        chunk: anatomies whose voxel weights are held at once.
 
     Returns:
         ``stats`` ``(B, M, stats_dim(bins, len(focal_scales), views))`` float32 (``views`` = ``C``
@@ -157,19 +186,22 @@ def region_statistics(
     xs, x2s, indices = _view_bins(x_all, bins)
     k_views = len(xs)
     n_vox = xs[0].shape[1]
+    moments = _moment_columns(xs, x2s)
     rows: List[torch.Tensor] = []
     valids: List[torch.Tensor] = []
     scales: List[float] = [] if focal_scales is None else focal_scales
     label = torch.full((b, n_vox), m, dtype=torch.long, device=image.device)  # m = no anatomy
-    for a in range(m):
-        w = region_voxel_weights(anatomy, boxes, a, spatial, regions, mask_logits)
+    for start in range(0, m, chunk):
+        stop = min(m, start + chunk)
+        w = region_weight_maps(anatomy, boxes, start, stop, spatial, regions, mask_logits)  # (B, chunk, V)
         if len(scales) > 0:  # overlapping regions: the first anatomy keeps the voxel
-            label = torch.where((w > 0.5) & (label == m), torch.full_like(label, a), label)
-        row, valid = _views_row(xs, x2s, indices, w, bins)
+            for j in range(stop - start):
+                label = torch.where((w[:, j] > 0.5) & (label == m), torch.full_like(label, start + j), label)
+        row, valid = _views_rows(moments, indices, w, bins)
         rows.append(row)
         valids.append(valid)
-    stats = torch.stack(rows, dim=1)
-    valid_all = torch.stack(valids, dim=1)
+    stats = torch.cat(rows, dim=1)
+    valid_all = torch.cat(valids, dim=1)
     if len(scales) > 0:
         # zeros already where a region has no interior voxel (a subset of the empty regions)
         lab = label.view([b] + spatial)
@@ -191,36 +223,50 @@ def _view_bins(views: torch.Tensor, bins: int) -> Tuple[List[torch.Tensor], List
         xk = x[:, k]
         xs.append(xk)
         x2s.append(xk * xk)
-        indices.append((xk * bins).to(torch.long).clamp(0, bins - 1))
+        indices.append((xk * bins).clamp(max=float(bins - 1)).to(torch.long))  # x in [0, 1]: only x = 1 needs the clamp
     return xs, x2s, indices
 
 
-def _views_row(
-    xs: List[torch.Tensor], x2s: List[torch.Tensor], indices: List[torch.Tensor], w: torch.Tensor, bins: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The :func:`_weighted_row` of every view (:func:`_view_bins`) under weights ``w (B, V)``,
-    concatenated ``(B, K * (bins + 3))``, and ``valid (B,)``."""
-    rows: List[torch.Tensor] = []
-    valid = w.sum(dim=1) > 0
+def _moment_columns(xs: List[torch.Tensor], x2s: List[torch.Tensor]) -> torch.Tensor:
+    """``(B, V, 2K)``: each view's intensity and its square as columns (``[x_0, x_0^2, x_1, ...]``),
+    so one matrix product with the regions' weights gives every region's first two moments."""
+    cols: List[torch.Tensor] = []
     for k in range(len(xs)):
-        row, valid = _weighted_row(xs[k], x2s[k], indices[k], w, bins)
-        rows.append(row)
-    return torch.cat(rows, dim=1), valid
+        cols.append(xs[k])
+        cols.append(x2s[k])
+    return torch.stack(cols, dim=2)
 
 
-def _weighted_row(x: torch.Tensor, x2: torch.Tensor, index: torch.Tensor, w: torch.Tensor, bins: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[log volume fraction, mean, sd, log histogram]`` ``(B, bins + 3)`` of intensities ``x (B, V)``
-    (``x2`` its square, ``index`` its bin) weighted by ``w (B, V)``, zeros where ``w`` is empty; and
-    ``valid (B,)``."""
-    total = w.sum(dim=1)
+def _fp32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm`` in float32 whatever the autocast policy (autocast would run it in bf16, which
+    resolves 0.002 at 0.5: the statistics compare organs' densities to within a few HU)."""
+    if torch.jit.is_scripting():  # the deploy wrapper runs without autocast
+        return torch.bmm(a, b)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        return torch.bmm(a.to(torch.float32), b.to(torch.float32))
+
+
+def _views_rows(moments: torch.Tensor, indices: List[torch.Tensor], w: torch.Tensor, bins: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[log volume fraction, mean, sd, log histogram]`` of every view for every region under
+    weights ``w (B, R, V)``, concatenated per region ``(B, R, K * (bins + 3))`` (zeros where ``w`` is
+    empty), and ``valid (B, R)``. ``moments`` and ``indices`` from :func:`_moment_columns` and
+    :func:`_view_bins`. The moments are one matrix product over the voxels, the histograms one
+    scatter per view for all ``R`` regions (a loop per region and view read the volume ``6 R K`` times)."""
+    b, r, n_vox = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    total = w.sum(dim=2)  # (B, R)
     valid = total > 0
-    wn = w / total.clamp(min=1.0).unsqueeze(1)
-    mean = (wn * x).sum(dim=1)
-    var = ((wn * x2).sum(dim=1) - mean * mean).clamp(min=0.0)
-    hist = torch.zeros(x.shape[0], bins, dtype=torch.float32, device=x.device).scatter_add_(1, index, wn)
-    volume = torch.log((total / float(x.shape[1])).clamp(min=1e-6))
-    row = torch.cat([volume.unsqueeze(1), mean.unsqueeze(1), var.sqrt().unsqueeze(1), torch.log(hist + 1e-4)], dim=1)
-    return row * valid.unsqueeze(1).to(row.dtype), valid
+    norm = total.clamp(min=1.0)
+    mom = _fp32_bmm(w, moments) / norm.unsqueeze(2)  # (B, R, 2K)
+    volume = torch.log((total / float(n_vox)).clamp(min=1e-6)).unsqueeze(2)
+    rows: List[torch.Tensor] = []
+    for k in range(len(indices)):
+        mean = mom[:, :, 2 * k : 2 * k + 1]
+        var = (mom[:, :, 2 * k + 1 : 2 * k + 2] - mean * mean).clamp(min=0.0)
+        index = indices[k].unsqueeze(1).expand(b, r, n_vox)
+        hist = torch.zeros(b, r, bins, dtype=torch.float32, device=w.device).scatter_add_(2, index, w) / norm.unsqueeze(2)
+        rows.append(torch.cat([volume, mean, var.sqrt(), torch.log(hist + 1e-4)], dim=2))
+    out = torch.cat(rows, dim=2)
+    return out * valid.unsqueeze(2).to(out.dtype), valid
 
 
 def background_dim(bins: int, views: int = 1) -> int:
@@ -269,30 +315,34 @@ def background_statistics(views: torch.Tensor, weights: torch.Tensor, bins: int)
         ``valid`` ``(B,)`` bool.
     """
     xs, x2s, indices = _view_bins(views, bins)
-    return _views_row(xs, x2s, indices, weights, bins)
+    row, valid = _views_rows(_moment_columns(xs, x2s), indices, weights.unsqueeze(1), bins)
+    return row[:, 0], valid[:, 0]
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian smoothing of ``x (B, *S)`` with ``sigma`` voxels, edges replicated, in float32.
 
     Shifted multiply-adds along each axis (no matmul or convolution): autocast leaves them in
-    float32, which the focal statistics need (bf16 resolves 0.002 at 0.5, about the CT noise).
+    float32, which the focal statistics need (bf16 resolves 0.002 at 0.5, about the CT noise). The
+    symmetric taps are summed in pairs before their one multiply-add (``add_`` with ``alpha``: no
+    temporary per tap).
     """
     if sigma <= 0:
         return x.to(torch.float32)
     radius = int(math.ceil(2.0 * sigma))
     weights: List[float] = []
-    for t in range(-radius, radius + 1):
+    for t in range(0, radius + 1):
         weights.append(math.exp(-(t * t) / (2.0 * sigma * sigma)))
-    total = sum(weights)
+    total = weights[0] + 2.0 * sum(weights[1:])
     y = x.to(torch.float32)
     for axis in range(1, x.dim()):
         n = int(y.shape[axis])
         index = torch.arange(-radius, n + radius, device=y.device).clamp(0, n - 1)  # replicate padding
         padded = y.index_select(axis, index)
-        acc = padded.narrow(axis, 0, n) * (weights[0] / total)
-        for k in range(1, len(weights)):
-            acc = acc + padded.narrow(axis, k, n) * (weights[k] / total)
+        acc = padded.narrow(axis, radius, n) * (weights[0] / total)
+        for t in range(1, radius + 1):
+            pair = padded.narrow(axis, radius - t, n) + padded.narrow(axis, radius + t, n)
+            acc.add_(pair, alpha=weights[t] / total)
         y = acc
     return y
 
