@@ -220,12 +220,20 @@ def test_infer_batch_and_ckpt_export_from_the_trained_checkpoint(trained_ct, ses
             assert abs(b["anatomies"][name]["findings"][f] - v) <= 1e-4
 
 def test_resume_restarts_at_the_right_epoch(session_dirs):
+    # with weight averaging on (ema_decay): the average is resumed too, and model.pt holds it
     root = session_dirs["base"] / "resume_run"
-    run_workflow(TRAIN, **ct_overrides(root, session_dirs["text"], session_dirs["ct"], max_epochs=1))
+    run_workflow(TRAIN, **ct_overrides(root, session_dirs["text"], session_dirs["ct"], max_epochs=1, ema_decay=0.9))
     assert (root / "models" / "checkpoint_epoch=1.pt").is_file()
-    wf = run_workflow(TRAIN, **ct_overrides(root, session_dirs["text"], session_dirs["ct"], max_epochs=2, resume=True))
+    wf = run_workflow(TRAIN, **ct_overrides(root, session_dirs["text"], session_dirs["ct"], max_epochs=2, resume=True, ema_decay=0.9))
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2
+    ema = wf.parser.get_parsed_content("train#ema")
+    assert ema.updates == trainer.state.iteration and not ema.swapped  # the average went on from the checkpoint's
+    best = torch.load(root / "models" / "model.pt", weights_only=True)
+    last = torch.load(root / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    # the best checkpoint was saved during validation: its weights are the average; the last one's are the live weights
+    assert all(torch.equal(best["model"][k].float(), v) for k, v in best["ema"]["shadow"].items())
+    assert not all(torch.equal(last["model"][k].float(), v) for k, v in last["ema"]["shadow"].items())
     assert trainer.state.iteration == 2 * trainer.state.epoch_length  # one epoch restored + one trained
     assert len(trainer.state.epoch_times) == 1  # this run trained epoch 2 only
     assert trainer.state.vlp_stage.name == "alignment"  # the stage of epoch 2 of 2, derived after the restore
