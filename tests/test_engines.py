@@ -304,3 +304,23 @@ def test_nonfinite_loss_stops_or_skips_before_any_update(caplog):
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in net.parameters())
     with pytest.raises(ValueError, match="nonfinite"):
         VLPTrainIteration(nan_loss, nonfinite="ignore")
+
+
+def test_the_last_epoch_is_validated_when_the_interval_skips_it():
+    from ignite.engine import Engine
+
+    from anatomy_vlp_bundle.engines.workflow import ValidateLastEpoch
+
+    class Validator:
+        def __init__(self):
+            self.epochs = []
+
+        def run(self, epoch):
+            self.epochs.append(epoch)
+
+    for max_epochs, expected in ((5, [5]), (6, []), (1, [1])):
+        v = Validator()
+        trainer = Engine(lambda e, b: None)
+        ValidateLastEpoch(v, 3).attach(trainer)
+        trainer.run([0], max_epochs=max_epochs)
+        assert v.epochs == expected, max_epochs
