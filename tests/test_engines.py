@@ -324,3 +324,18 @@ def test_the_last_epoch_is_validated_when_the_interval_skips_it():
         ValidateLastEpoch(v, 3).attach(trainer)
         trainer.run([0], max_epochs=max_epochs)
         assert v.epochs == expected, max_epochs
+
+
+def test_resume_loads_what_an_older_checkpoint_holds_and_names_the_rest(tmp_path, caplog):
+    import logging
+
+    from anatomy_vlp_bundle.engines.workflow import resumable_objects
+
+    path = tmp_path / "checkpoint_epoch=1.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "trainer": {"epoch": 1}}, path)  # written before "ema" existed
+    save_dict = {"model": object(), "trainer": object(), "ema": object()}
+    with caplog.at_level(logging.WARNING):
+        got = resumable_objects(save_dict, str(path))
+    assert set(got) == {"model", "trainer"} and got["model"] is save_dict["model"]
+    assert "ema" in caplog.text and str(path) in caplog.text
+    assert resumable_objects(save_dict, None) == save_dict

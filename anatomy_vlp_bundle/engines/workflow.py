@@ -22,6 +22,7 @@ __all__ = [
     "warm_sentence_cache",
     "parameter_groups",
     "resume_checkpoint",
+    "resumable_objects",
     "loss_terms",
     "region_output",
     "focal_findings",
@@ -172,6 +173,20 @@ def resume_checkpoint(ckpt_dir: str, resume: bool) -> Optional[str]:
         logger.info("resume: from %s", path)
         return path
     raise ValueError(f"resume: no usable checkpoint in {ckpt_dir}:\n  " + "\n  ".join(problems))
+
+
+def resumable_objects(save_dict: Mapping[str, Any], path: Optional[str]) -> dict[str, Any]:
+    """The objects of ``save_dict`` that the checkpoint at ``path`` holds (all of them without one):
+    the ``CheckpointLoader``'s ``load_dict``. A checkpoint written before an object was added to the
+    save_dict (the weight average of 0.7.1) resumes the rest, and the missing ones start fresh,
+    named in a warning, instead of the loader failing on the missing key."""
+    if path is None:
+        return dict(save_dict)
+    keys = set(torch.load(path, map_location="cpu", weights_only=True))
+    missing = [k for k in save_dict if k not in keys]
+    if missing:
+        logger.warning("resume: %s holds no %s; they start fresh", path, missing)
+    return {k: v for k, v in save_dict.items() if k in keys}
 
 
 #: iteration outputs that are bookkeeping, not losses
