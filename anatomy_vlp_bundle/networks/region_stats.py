@@ -186,6 +186,8 @@ def region_statistics(
     xs, x2s, indices = _view_bins(x_all, bins)
     k_views = len(xs)
     n_vox = xs[0].shape[1]
+    if chunk < 1:
+        raise ValueError("region_statistics: chunk must be >= 1, got " + str(chunk))
     moments = _moment_columns(xs, x2s)
     rows: List[torch.Tensor] = []
     valids: List[torch.Tensor] = []
