@@ -30,6 +30,7 @@ __all__ = [
     "LogitScale",
     "ContrastiveLoss",
     "text_key_ids",
+    "stable_text_id",
     "calibrated_targets",
     "soft_cross_entropy",
     "calibrated_infonce",
@@ -106,9 +107,10 @@ class LogitScale(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
-def _stable_text_id(text: str) -> int:
-    # Python's hash() is salted per process: ranks would disagree. Case and spacing are
-    # normalised because the text encoders used here are uncased.
+def stable_text_id(text: str) -> int:
+    """A 64-bit id of ``text``, the same in every process (Python's ``hash()`` is salted per process:
+    DDP ranks, and two runs of the same seed, would disagree). Case and spacing are normalised because
+    the text encoders used here are uncased."""
     canonical = " ".join(str(text).split()).lower()
     return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
@@ -133,7 +135,7 @@ def text_key_ids(keys: TextKeys, device: torch.device | None = None) -> torch.Te
         if item is None:
             return -1
         if isinstance(item, str):
-            return _stable_text_id(item)
+            return stable_text_id(item)
         if isinstance(item, (list, tuple)):
             return [convert(x) for x in item]
         raise TypeError(f"text keys must be strings, None, or nested lists of them; got {type(item).__name__}")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.catalog import Catalog, load_catalog
+from ..losses.contrastive import stable_text_id
 from .reports import negate_sentence, perturb_sentence
 
 __all__ = ["SentenceTargets"]
@@ -45,7 +46,9 @@ class SentenceTargets:
         # Negation is deterministic and cached; perturbation is drawn once per text, so a text
         # always meets the same hard negatives (stable targets, and the cache stays small).
         if text not in self._negations:
-            rng = np.random.default_rng(abs(hash(text)) % (2**32))
+            # seeded by a stable id of the text: Python's hash() is salted per process, which made two
+            # runs of the same seed train on different hard negatives
+            rng = np.random.default_rng(stable_text_id(text) % (2**32))
             self._negations[text] = (negate_sentence(text, self.catalog), perturb_sentence(text, self.catalog, rng))
         return self._negations[text][: self.hard_negatives]
 
