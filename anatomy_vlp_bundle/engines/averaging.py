@@ -29,13 +29,11 @@ from typing import Any
 
 import torch
 
+from .checkpoint import _unwrap
+
 __all__ = ["WeightAverage"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
 
 
 class WeightAverage:

@@ -20,6 +20,7 @@ import torch
 from ..losses.criterion import make_targets
 from ..networks.box_ops import normalized_cxcywh_to_boxes
 from ..networks.heads import upsample_mask_logits
+from .checkpoint import _unwrap
 
 __all__ = ["VLPTrainIteration", "VLPEvalIteration", "mask_dice", "to_device", "autocast_dtype", "resolve_amp"]
 
@@ -68,10 +69,6 @@ def to_device(batch: Mapping[str, Any], device: torch.device, non_blocking: bool
         else:
             out[key] = value
     return out
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return getattr(network, "module", network)
 
 
 def _targets(batch: Mapping[str, Any], net: torch.nn.Module, text: Optional[Mapping[str, Any]], uncertain_as, device) -> dict:
