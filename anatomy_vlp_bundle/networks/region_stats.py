@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .box_ops import boxes_to_token_mask
-from .heads import upsample_mask_logits
 
 __all__ = ["background_dim", "background_statistics", "background_weights", "focal_statistics", "gaussian_smooth", "region_statistics", "region_voxel_weights", "region_weight_maps", "RunningStandardize", "stats_dim"]
 
@@ -291,9 +290,9 @@ def background_weights(
     """
     if mask_logits is not None and mask_logits.numel() > 0:
         # max over anatomies before upsampling: one volume instead of M
-        pred = (upsample_mask_logits(mask_logits.detach().amax(dim=1, keepdim=True), spatial)[:, 0].flatten(1) > 0).to(torch.float32)
+        pred = _predicted_maps(mask_logits.detach().amax(dim=1, keepdim=True), spatial)[:, 0]
     else:
-        pred = boxes_to_token_mask(boxes.detach(), spatial, False).to(torch.float32).amax(dim=1)
+        pred = _box_maps(boxes, 0, int(boxes.shape[1]), spatial).amax(dim=1)
     if anatomy is None:
         return 1.0 - pred
     given = anatomy.flatten(2).to(torch.float32).amax(dim=1)
