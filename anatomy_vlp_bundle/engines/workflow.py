@@ -182,7 +182,7 @@ def resumable_objects(save_dict: Mapping[str, Any], path: Optional[str]) -> dict
     named in a warning, instead of the loader failing on the missing key."""
     if path is None:
         return dict(save_dict)
-    keys = set(torch.load(path, map_location="cpu", weights_only=True))
+    keys = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))  # the keys only: no tensor data read
     missing = [k for k in save_dict if k not in keys]
     if missing:
         logger.warning("resume: %s holds no %s; they start fresh", path, missing)
