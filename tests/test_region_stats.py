@@ -353,6 +353,8 @@ def test_statistics_do_not_depend_on_how_many_anatomies_are_held_at_once():
         out, v = region_statistics(image, anatomy, boxes, "auto", 8, logits, [0.0, 1.0], True, 1, chunk=chunk)
         torch.testing.assert_close(out, ref)
         assert torch.equal(v, valid)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        region_statistics(image, anatomy, boxes, "auto", 8, logits, chunk=0)
     # one anatomy's row is the statistics of exactly its region_voxel_weights
     from anatomy_vlp_bundle.networks.region_stats import region_voxel_weights
 
