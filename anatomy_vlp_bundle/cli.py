@@ -34,8 +34,26 @@ def _commands() -> dict:
     }
 
 
+def _help_to_fire(argv: list[str]) -> list[str]:
+    """``--help`` / ``-h`` moved behind fire's ``--`` separator.
+
+    A command taking ``**kwargs`` (``synth``, ``transfer``) would otherwise receive ``help=True``
+    as one of its options and fail on it instead of printing its help."""
+    if "--" in argv:
+        head, tail = argv[: argv.index("--")], argv[argv.index("--") :]
+    else:
+        head, tail = argv, []
+    if not any(a in ("--help", "-h") for a in head):
+        return argv
+    head = [a for a in head if a not in ("--help", "-h")]
+    return head + (tail if tail else ["--"]) + ["--help"]
+
+
 def main(argv: list[str] | None = None) -> None:
-    fire.Fire(_commands(), command=argv, name="anatomy_vlp_bundle")
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fire.Fire(_commands(), command=_help_to_fire(argv), name="anatomy_vlp_bundle")
 
 
 if __name__ == "__main__":
