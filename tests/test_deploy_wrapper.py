@@ -111,7 +111,9 @@ def test_describe_layout():
      (3, {"input_windows": [[0.425, 0.625]], "segmentation_decoder": "deep"}), (3, {"stats_threshold": 0.5, "stats_source_flag": True}),
      (3, {"study_stats": True, "input_windows": [[0.425, 0.625]]}), (2, {"study_stats": True, "catalog": "cxr_imagenome29"}),
      (3, {"stats_views": True, "study_stats": True, "input_windows": [[0.425, 0.625]], "focal_depth": 2}),
-     (3, {"mask_refine": True, "segmentation_decoder": "deep", "input_windows": [[0.425, 0.625]]})],
+     (3, {"mask_refine": True, "segmentation_decoder": "deep", "input_windows": [[0.425, 0.625]]}),
+     (3, {"stats_ensemble": [-0.5, 0.0, 0.5], "stats_views": True, "study_stats": True, "stats_source_flag": True,
+          "input_windows": [[0.425, 0.625]]})],
 )
 def test_pred_layout_matches_model_and_scripts(spatial_dims, kwargs):
     model = trained_like_model(spatial_dims, **kwargs)

@@ -1,6 +1,7 @@
 """Engines: stage schedule (resume-safe), the VLP iteration (gradient accumulation, bf16 on CPU),
 checkpoint extras and threshold calibration."""
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -175,7 +176,7 @@ def test_checkpoint_extras_roundtrip(tmp_path):
     assert torch.allclose(other.thresholds, torch.tensor(0.3))
 
 
-def test_evaluation_refuses_a_checkpoint_trained_with_other_model_settings(tmp_path):
+def test_evaluation_refuses_a_checkpoint_trained_with_other_model_settings(tmp_path, caplog):
     net = _model()
     path = tmp_path / "c.pt"
     torch.save({"model": net.state_dict(), "extras": CheckpointExtras(net).state_dict()}, path)
@@ -184,6 +185,14 @@ def test_evaluation_refuses_a_checkpoint_trained_with_other_model_settings(tmp_p
     with pytest.raises(ValueError, match=r"c\.pt.*stats_threshold: checkpoint 0\.0, config 2\.0.*--network_def#stats_threshold \"0\.0\""):
         check_model_config(path, other)
     check_model_config(path, other, enabled=False)  # on purpose
+    # an evaluation-only setting may differ: evaluated with the config's value, logged
+    ensemble = AnatomyVLPModel(**{**net.config, "stats_ensemble": [-2.0, 0.0]})
+    with caplog.at_level(logging.WARNING):
+        check_model_config(path, ensemble)
+    assert "stats_ensemble [-2.0, 0.0]" in caplog.text and "c.pt" in caplog.text
+    with pytest.raises(ValueError, match="stats_threshold") as err:  # not with a training setting beside it
+        check_model_config(path, AnatomyVLPModel(**{**net.config, "stats_threshold": 2.0, "stats_ensemble": [1.0]}))
+    assert "stats_ensemble" not in str(err.value)
     # a checkpoint saved before an option existed counts as its default
     legacy = CheckpointExtras(net).state_dict()
     legacy["model_config"] = {k: v for k, v in legacy["model_config"].items() if k not in ("study_stats", "stats_threshold")}

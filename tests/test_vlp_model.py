@@ -286,6 +286,51 @@ def test_stats_threshold_moves_only_the_image_only_statistics():
         tiny_model(3, stats_threshold=float("nan"))
 
 
+def test_stats_ensemble_averages_the_cuts_image_only():
+    # eval, image only: the statistics at each cut of the predicted masks, the fused embeddings averaged;
+    # one cut equals the plain path at that threshold; training and given masks are unaffected
+    model = tiny_model(3, segmentation=True).eval()
+    model.set_prompt_bank(random_bank(model))
+    batch = batch_for(model, 2)
+    with torch.no_grad():
+        logits = model(batch["image"], None, None, "predicted")["mask_logits"]
+    lo, hi = float(logits.quantile(0.3)), float(logits.quantile(0.7))
+
+    def variant(**kw):
+        v = tiny_model(3, segmentation=True, **kw).eval()
+        v.load_state_dict(model.state_dict(), strict=True)
+        v.set_prompt_bank(random_bank(model))
+        return v
+
+    one = variant(stats_ensemble=[hi])
+    plain_hi = variant(stats_threshold=hi)
+    both = variant(stats_ensemble=[lo, hi])
+    plain_lo = variant(stats_threshold=lo)
+    assert both.config["stats_ensemble"] == [lo, hi] and AnatomyVLPModel(**both.config).stats_ensemble == [lo, hi]
+    with torch.no_grad():
+        e_one = one(batch["image"], None, None, "predicted")["region_emb"]
+        torch.testing.assert_close(e_one, plain_hi(batch["image"], None, None, "predicted")["region_emb"])
+        e_hi = plain_hi(batch["image"], None, None, "predicted")["region_emb"]
+        e_lo = plain_lo(batch["image"], None, None, "predicted")["region_emb"]
+        e_both = both(batch["image"], None, None, "predicted")["region_emb"]
+        torch.testing.assert_close(e_both, torch.nn.functional.normalize(e_lo + e_hi, dim=-1))
+        assert not torch.allclose(e_both, e_hi) and not torch.allclose(e_both, e_lo)
+        # given masks: the same as without the ensemble
+        torch.testing.assert_close(
+            both(batch["image"], batch["anatomy"], None, "mask")["zero_shot_logits"],
+            model(batch["image"], batch["anatomy"], None, "mask")["zero_shot_logits"],
+        )
+    both.train()  # training: the one cut at stats_threshold (0), as the plain model
+    model.train()
+    torch.manual_seed(1)
+    a = both(batch["image"], None, None, "predicted")["region_emb"]
+    torch.manual_seed(1)
+    b = model(batch["image"], None, None, "predicted")["region_emb"]
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="stats_ensemble"):
+        tiny_model(3, stats_ensemble=[0.0, float("inf")])
+
+
 def test_stats_source_flag_marks_predicted_regions():
     # the flag column is 1 where the statistics come from predicted masks, 0 from given masks
     model = tiny_model(3, segmentation=True, stats_source_flag=True).eval()

@@ -142,6 +142,11 @@ def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> 
     return diffs
 
 
+#: Model settings that only change how a trained model is read at evaluation and inference (not what
+#: training learned): a checkpoint is evaluated with the config's value, and the difference is logged.
+EVALUATION_SETTINGS = ("stats_ensemble",)
+
+
 def check_model_config(path: str | Path, network: torch.nn.Module, enabled: bool = True) -> None:
     """Refuse to evaluate a checkpoint with other model settings than it was trained with.
 
@@ -150,7 +155,8 @@ def check_model_config(path: str | Path, network: torch.nn.Module, enabled: bool
     Structural differences would fail in the state-dict loading with a long key list; others (a
     threshold, a flag) would load and silently measure another model. The error names the file,
     each differing setting and the overrides that reproduce the training. ``enabled=False``
-    (``check_model_config: false``) evaluates with the config's settings on purpose.
+    (``check_model_config: false``) evaluates with the config's settings on purpose. The
+    :data:`EVALUATION_SETTINGS` may differ (logged).
     """
     if not enabled:
         return
@@ -161,6 +167,10 @@ def check_model_config(path: str | Path, network: torch.nn.Module, enabled: bool
     if not isinstance(extras, dict) or not isinstance(extras.get("model_config"), dict) or not isinstance(current, dict):
         return
     diffs = model_config_differences(extras["model_config"], current)
+    for key in EVALUATION_SETTINGS:
+        if key in diffs:
+            saved, used = diffs.pop(key)
+            logger.warning(f"checkpoint {path}: evaluated with {key} {used!r} (this config's; trained with {saved!r})")
     if diffs:
         listed = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diffs.items())
         overrides = " ".join(f'--network_def#{k} "{a!r}"' for k, (a, _) in diffs.items())

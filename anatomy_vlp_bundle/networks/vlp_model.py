@@ -73,6 +73,7 @@ from .region_stats import (
     background_dim,
     background_statistics,
     background_weights,
+    predicted_statistics_ensemble,
     region_statistics,
     stats_dim,
 )
@@ -258,6 +259,20 @@ class RegionFusion(nn.Module):
         # normalise in float32: bf16 unit vectors lose ~3 digits of cosine similarity
         return F.normalize(out, dim=-1)
 
+    def forward_ensemble(self, region_feat: torch.Tensor, prior_feat: torch.Tensor, stats: List[torch.Tensor]) -> torch.Tensor:
+        """The direction of the mean of :meth:`forward`'s unit vectors over several standardised
+        statistics ``stats`` of the same regions (eval mode: no dropout; the token path once).
+        With one entry, equal to :meth:`forward`."""
+        x = torch.cat([region_feat.float(), prior_feat.to(torch.float32)], dim=-1).to(region_feat.dtype)
+        tokens = self.token_path(x).float()
+        stats_path = self.stats_path
+        if stats_path is None or len(stats) == 0:
+            return F.normalize(tokens, dim=-1)
+        acc = torch.zeros_like(tokens)
+        for st in stats:
+            acc = acc + F.normalize(tokens + stats_path(st.to(torch.float32)).float(), dim=-1)
+        return F.normalize(acc, dim=-1)
+
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
     """The plain tensor behind a MONAI ``MetaTensor`` (other tensors unchanged)."""
@@ -354,6 +369,11 @@ class AnatomyVLPModel(nn.Module):
             statistics path (0 = probability 0.5; higher keeps the masks' confident core, away from
             the uncertain border where neighbouring tissue leaks into the statistics). The mask
             loss, the Dice and the exported label maps keep 0.
+        stats_ensemble: image only, in eval mode: mask logits at which the predicted masks are cut
+            for the statistics path, one cut each, and the fused region embeddings averaged
+            (:func:`~.region_stats.predicted_statistics_ensemble`: a test-time ensemble over the
+            regions' extent); empty: the one cut at ``stats_threshold``. Training, given masks and
+            the study path are unaffected.
         study_stats: a study-level statistics path (:class:`StudyStatistics`): the statistics of
             the voxels outside every anatomy region, added to the [CLS] projection (study findings
             such as ascites). Needs ``region_stats``; off for a catalog without study findings.
@@ -418,6 +438,7 @@ class AnatomyVLPModel(nn.Module):
         segmentation: bool = True,
         stats_from_prediction: float = 0.25,
         stats_threshold: float = 0.0,
+        stats_ensemble: Sequence[float] = (),
         stats_source_flag: bool = False,
         stats_views: bool = False,
         study_stats: bool = False,
@@ -496,6 +517,7 @@ class AnatomyVLPModel(nn.Module):
             "segmentation": segmentation,
             "stats_from_prediction": stats_from_prediction,
             "stats_threshold": float(stats_threshold),
+            "stats_ensemble": [float(v) for v in stats_ensemble],
             "stats_source_flag": bool(stats_source_flag),
             "stats_views": bool(stats_views),
             "study_stats": bool(study_stats),
@@ -569,6 +591,9 @@ class AnatomyVLPModel(nn.Module):
         if not math.isfinite(float(stats_threshold)):
             raise ValueError(f"AnatomyVLPModel: stats_threshold must be a finite mask logit, got {stats_threshold}")
         self.stats_threshold = float(stats_threshold)
+        if not all(math.isfinite(float(v)) for v in stats_ensemble):
+            raise ValueError(f"AnatomyVLPModel: stats_ensemble must be finite mask logits, got {list(stats_ensemble)}")
+        self.stats_ensemble: List[float] = [float(v) for v in stats_ensemble]
         self.stats_source_flag = bool(stats_source_flag) and self.region_stats_bins > 0
         self.stats_views = bool(stats_views) and self.region_stats_bins > 0
         n_views = 1 + int(self.backbone.window_bounds.shape[0])
@@ -878,6 +903,7 @@ class AnatomyVLPModel(nn.Module):
             perplexity = torch.zeros((), device=device)
 
         stats: Optional[torch.Tensor] = None
+        ensemble: List[torch.Tensor] = []
         study_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if self.region_stats_bins > 0:
             stats_masks = anatomy if use_masks else None
@@ -891,24 +917,36 @@ class AnatomyVLPModel(nn.Module):
             if mask_logits is not None and self.stats_threshold != 0.0:
                 stats_logits = mask_logits - self.stats_threshold
             views = self.backbone.window_views(feats["stem_input"]) if (self.stats_views or self.study_stats is not None) else image
-            raw_stats, stats_valid = region_statistics(
-                views if self.stats_views else image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits,
-                self.focal_scales, self.stats_views, self.focal_depth,
-            )
-            if self.stats_source_flag:
-                if stats_masks is None or stats_regions == "predicted":
-                    predicted = torch.ones(b, m, device=device)
-                elif stats_regions == "mask":
-                    predicted = torch.zeros(b, m, device=device)
-                else:  # "auto": the predicted region where the given mask is empty
-                    predicted = (stats_masks.flatten(2).sum(-1) == 0).to(torch.float32)
-                raw_stats = torch.cat([raw_stats, predicted.unsqueeze(-1) * stats_valid.unsqueeze(-1).to(torch.float32)], dim=-1)
-            stats = self.region_proj.standardize(raw_stats, stats_valid)
+            if not self.training and stats_masks is None and mask_logits is not None and len(self.stats_ensemble) > 0:
+                ensemble = [
+                    self.region_proj.standardize(raw, valid)
+                    for raw, valid in predicted_statistics_ensemble(
+                        views if self.stats_views else image, boxes, mask_logits, self.stats_ensemble, self.region_stats_bins,
+                        self.focal_scales, self.stats_views, self.focal_depth, self.stats_source_flag,
+                    )
+                ]
+            else:
+                raw_stats, stats_valid = region_statistics(
+                    views if self.stats_views else image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits,
+                    self.focal_scales, self.stats_views, self.focal_depth,
+                )
+                if self.stats_source_flag:
+                    if stats_masks is None or stats_regions == "predicted":
+                        predicted = torch.ones(b, m, device=device)
+                    elif stats_regions == "mask":
+                        predicted = torch.zeros(b, m, device=device)
+                    else:  # "auto": the predicted region where the given mask is empty
+                        predicted = (stats_masks.flatten(2).sum(-1) == 0).to(torch.float32)
+                    raw_stats = torch.cat([raw_stats, predicted.unsqueeze(-1) * stats_valid.unsqueeze(-1).to(torch.float32)], dim=-1)
+                stats = self.region_proj.standardize(raw_stats, stats_valid)
             if self.study_stats is not None:
                 spatial = [int(v) for v in image.shape[2:]]
                 background = background_weights(stats_masks, boxes, spatial, stats_logits)
                 study_stats = background_statistics(views, background, self.region_stats_bins)
-        region_emb = self.region_proj(region_feat, prior_feat, stats)
+        if len(ensemble) > 0:
+            region_emb = self.region_proj.forward_ensemble(region_feat, prior_feat, ensemble)
+        else:
+            region_emb = self.region_proj(region_feat, prior_feat, stats)
         if self.training:
             keep = (torch.rand(weights.shape, device=weights.device) < self.view2_keep).to(weights.dtype)
             subset = weights * keep
