@@ -84,17 +84,23 @@ def labels_of(findings: dict, catalog) -> np.ndarray:
     return out
 
 
-def window_images(image: torch.Tensor, windows: list[list[float]]) -> list[torch.Tensor]:
-    """``image (1, C, *S)`` in [0, 1] mapped through each ``(low, high)`` window, clipped to [0, 1]."""
-    return [((image - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in windows]
+def window_images(image: torch.Tensor, backbone) -> list[torch.Tensor]:
+    """``image (1, C, *S)`` in [0, 1] through each of the backbone's ``input_windows``, as the model's
+    statistics see it (:meth:`~anatomy_vlp_bundle.networks.anatomy_vit.AnatomyViT.window_views`):
+    one ``(1, 1, *S)`` view per window; none without a backbone or windows."""
+    if backbone is None:
+        return []
+    views = backbone.window_views(backbone.window(image))  # (1, 1 + windows, *S): the image first
+    return [views[:, k : k + 1] for k in range(1, int(views.shape[1]))]
 
 
 def extract(
-    datalist: str, split: str, catalog, model, thresholds: list[float], bins: int, focal: list[float], windows: list[list[float]]
+    datalist: str, split: str, catalog, model, thresholds: list[float], bins: int, focal: list[float]
 ) -> dict:
     transform = build_transforms(catalog, mode="eval")
     ds = build_dataset(datalist, split, transform)
     sources = ["mask"] + [f"pred>{t:g}" for t in thresholds] if model is not None else ["mask"]
+    backbone = model.backbone if model is not None else None
     out: dict = {f"{src}/{k}": [] for src in sources for k in ("stats", "bandpass", "window")}
     out["y"] = []
     for i in range(len(ds)):
@@ -113,7 +119,7 @@ def extract(
             stats, _ = region_statistics(image, masks, boxes, "mask", bins, None, focal)
             out[f"{src}/stats"].append(stats[0].numpy())
             out[f"{src}/bandpass"].append(bandpass_features(image[0].mean(0), masks[0] > 0.5).numpy())
-            rows = [region_statistics(w, masks, boxes, "mask", bins, None, focal)[0][0] for w in window_images(image, windows)]
+            rows = [region_statistics(w, masks, boxes, "mask", bins, None, focal)[0][0] for w in window_images(image, backbone)]
             out[f"{src}/window"].append(torch.cat(rows, -1).numpy() if rows else np.zeros((catalog.num_anatomies, 0), np.float32))
         out["y"].append(labels_of(d.get("findings"), catalog))
         if (i + 1) % 50 == 0:
@@ -177,14 +183,14 @@ def main(
     the file instead of probing stale features."""
     torch.set_num_threads(int(threads))
     model = None
-    bins, focal, windows = 32, [0.0, 2.0], []
+    bins, focal, n_windows = 32, [0.0, 2.0], 0
     if checkpoint:
         from anatomy_vlp_bundle.inference.predictor import model_from_checkpoint
 
         model, extras = model_from_checkpoint(checkpoint)
         catalog = load_catalog(extras.get("catalog") or model.config["catalog"])
         bins, focal = model.region_stats_bins or bins, list(model.focal_scales) or focal
-        windows = [[float(v) for v in w] for w in model.backbone.window_bounds.tolist()]
+        n_windows = int(model.backbone.window_bounds.shape[0])
     else:
         catalog = load_datalist(datalist).catalog()
     ths = [float(t) for t in str(thresholds).split(",") if str(t).strip()] if model is not None else []
@@ -201,8 +207,8 @@ def main(
             test = {k.removeprefix("test:"): z[k] for k in z.files if k.startswith("test:")}
         print(f"features from {cache}")
     else:
-        train = extract(datalist, "training", catalog, model, ths, bins, focal, windows)
-        test = extract(datalist, "test", catalog, model, ths, bins, focal, windows)
+        train = extract(datalist, "training", catalog, model, ths, bins, focal)
+        test = extract(datalist, "test", catalog, model, ths, bins, focal)
         if cache:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
             np.savez(
@@ -213,7 +219,7 @@ def main(
             )
     mirror = mirror_index(list(catalog.names))
     sets = {"stats": ["stats"], "stats+bandpass": ["stats", "bandpass"], "stats+bandpass+contra": ["stats+contra", "bandpass+contra"]}
-    if windows:
+    if n_windows:
         sets.update({"stats+window": ["stats", "window"], "stats+window+bandpass": ["stats", "window", "bandpass"]})
     sources = [("mask", "mask")] + [(s, s) for s in (f"pred>{t:g}" for t in ths)] + [("mask", f"pred>{t:g}") for t in ths]
     print(f"\n{catalog.name}: per-(anatomy, finding) logistic probe, C={C}, {len(train['y'])} training / {len(test['y'])} test cases")

@@ -47,10 +47,19 @@ def test_bandpass_features_see_a_blob_inside_the_region(probe):
 
 
 def test_window_images_map_each_window_to_the_unit_range(probe):
-    image = torch.tensor([[[0.0, 0.425, 0.525, 0.625, 1.0]]])
-    (win,) = probe.window_images(image, [[0.425, 0.625]])
-    torch.testing.assert_close(win, torch.tensor([[[0.0, 0.0, 0.5, 1.0, 1.0]]]))
-    assert probe.window_images(image, []) == []
+    # the backbone's own windows, as the model's statistics read them
+    from anatomy_vlp_bundle.networks.vlp_model import AnatomyVLPModel
+
+    def backbone(windows):
+        return AnatomyVLPModel(
+            "synthetic_ct", img_size=(16, 16, 16), patch_size=8, hidden_size=16, num_layers=1, num_heads=2,
+            embed_dim=8, stem_channels=(4, 8), input_windows=windows,
+        ).backbone
+
+    image = torch.tensor([0.0, 0.425, 0.525, 0.625, 1.0]).view(1, 1, 5, 1, 1)
+    (win,) = probe.window_images(image, backbone([[0.425, 0.625]]))
+    torch.testing.assert_close(win, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]).view(1, 1, 5, 1, 1))
+    assert probe.window_images(image, backbone([])) == [] and probe.window_images(image, None) == []
 
 
 def test_cache_is_written_once_and_read_instead_of_extracting(probe, tmp_path, monkeypatch, capsys):
@@ -59,7 +68,7 @@ def test_cache_is_written_once_and_read_instead_of_extracting(probe, tmp_path, m
     cat = load_catalog("synthetic_ct")
     m, f = cat.num_anatomies, cat.max_findings
 
-    def fake_extract(datalist, split, catalog, model, thresholds, bins, focal, windows):
+    def fake_extract(datalist, split, catalog, model, thresholds, bins, focal):
         calls.append(split)
         n = 40
         y = np.full((n, m, f), -1)
