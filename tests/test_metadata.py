@@ -154,3 +154,16 @@ def test_top_level_metadata_is_symlink():
     top = REPO / "metadata.json"
     assert top.is_symlink()
     assert top.resolve() == META.resolve()
+
+
+def test_every_copy_of_the_version_is_the_packages(meta):
+    # the version is written by hand in four files; a release that bumps some of them ships two versions
+    import tomllib
+
+    from anatomy_vlp_bundle import __version__
+
+    app = yaml.safe_load((REPO / "anatomy_vlp_bundle" / "apps" / "deploy" / "app.yaml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert {"metadata.json": meta["version"], "app.yaml": str(app["application"]["version"]), "pyproject.toml": project["version"]} == {
+        k: __version__ for k in ("metadata.json", "app.yaml", "pyproject.toml")
+    }
