@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ..data.catalog import Catalog, load_catalog
 from ..losses.alignment import zero_shot_logits
 from .box_ops import boxes_to_token_mask
-from .region_stats import background_statistics, background_weights, predicted_statistics_ensemble, region_statistics
+from .region_stats import background_statistics, background_weights, predicted_statistics_ensemble
 from .vlp_model import AnatomyVLPModel, abnormality_from_score, image_patches, max_finding_probability, prior_summary_features
 
 __all__ = ["DeployWrapper", "describe_layout", "script_deploy", "export_torchscript", "export_program", "LAYOUT_VERSION"]
@@ -154,9 +154,7 @@ class DeployWrapper(nn.Module):
         self.region_stats_bins: int = model.region_stats_bins
         self.focal_scales: List[float] = list(model.focal_scales)
         self.stats_threshold: float = float(model.stats_threshold)
-        # never empty (TorchScript infers a list attribute's type from its elements); the flag says whether it is used
-        self.use_ensemble: bool = len(model.stats_ensemble) > 0
-        self.stats_ensemble: List[float] = list(model.stats_ensemble) if self.use_ensemble else [self.stats_threshold]
+        self.stats_cuts: List[float] = model.stats_cuts()
         self.stats_source_flag: bool = model.stats_source_flag
         self.stats_views: bool = model.stats_views
         self.focal_depth: int = model.focal_depth
@@ -218,8 +216,7 @@ class DeployWrapper(nn.Module):
             prior_feat = prior_summary_features(p["residual_stats"], anatomy_score)
         else:
             prior_feat = region_feat.new_zeros(b, m, 0)
-        stats: Optional[torch.Tensor] = None
-        ensemble: List[torch.Tensor] = []
+        stats: List[torch.Tensor] = []
         cls_raw = self.cls_proj.net(feats["cls"]).float()
         if self.region_stats_bins > 0:
             mask_logits: Optional[torch.Tensor] = None
@@ -231,29 +228,17 @@ class DeployWrapper(nn.Module):
             if self.stats_views or self.study_stats is not None:
                 views = self.backbone.window_views(feats["stem_input"])
             stats_image = views if self.stats_views else image
-            if raw_logits is not None and self.use_ensemble:
-                for raw, valid in predicted_statistics_ensemble(
-                    stats_image, boxes, raw_logits, self.stats_ensemble, self.region_stats_bins, self.focal_scales,
-                    self.stats_views, self.focal_depth, self.stats_source_flag,
-                ):
-                    ensemble.append(self.region_proj.standardize(raw, valid))
-            else:
-                raw_stats, stats_valid = region_statistics(
-                    stats_image, None, boxes, "predicted", self.region_stats_bins, mask_logits, self.focal_scales,
-                    self.stats_views, self.focal_depth,
-                )
-                if self.stats_source_flag:  # image only: always the predicted regions
-                    raw_stats = torch.cat([raw_stats, stats_valid.unsqueeze(-1).to(raw_stats.dtype)], dim=-1)
-                stats = self.region_proj.standardize(raw_stats, stats_valid)
+            for raw, valid in predicted_statistics_ensemble(
+                stats_image, boxes, raw_logits, self.stats_cuts, self.region_stats_bins, self.focal_scales,
+                self.stats_views, self.focal_depth, self.stats_source_flag,
+            ):
+                stats.append(self.region_proj.standardize(raw, valid))
             study_stats = self.study_stats
             if study_stats is not None:
                 background = background_weights(None, boxes, spatial, mask_logits)
                 bg_stats, bg_valid = background_statistics(views, background, self.region_stats_bins)
                 cls_raw = cls_raw + study_stats(bg_stats, bg_valid)
-        if len(ensemble) > 0:
-            region_emb = self.region_proj.forward_ensemble(region_feat, prior_feat, ensemble)
-        else:
-            region_emb = self.region_proj(region_feat, prior_feat, stats)
+        region_emb = self.region_proj.forward_ensemble(region_feat, prior_feat, stats)
         cls_emb = F.normalize(cls_raw, dim=-1)
 
         scale = self.logit_scale()

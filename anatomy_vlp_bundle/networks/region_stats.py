@@ -216,7 +216,7 @@ def region_statistics(
 def predicted_statistics_ensemble(
     image: torch.Tensor,
     boxes: torch.Tensor,
-    mask_logits: torch.Tensor,
+    mask_logits: Optional[torch.Tensor],
     thresholds: List[float],
     bins: int,
     focal_scales: List[float],
@@ -226,7 +226,8 @@ def predicted_statistics_ensemble(
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Image-only :func:`region_statistics` over the predicted masks cut at each mask logit of
     ``thresholds``: ``[(stats, valid)]``, one per threshold (with ``source_flag`` a last column,
-    1 where the region is valid: every region is a predicted one).
+    1 where the region is valid: every region is a predicted one). Without ``mask_logits`` (no mask
+    head) one entry, over the predicted boxes.
 
     A test-time ensemble over the regions' extent (the model averages the fused embeddings,
     :meth:`~.vlp_model.RegionFusion.forward_ensemble`). Why: a predicted mask's border is uncertain
@@ -235,9 +236,15 @@ def predicted_statistics_ensemble(
     on five trained CT checkpoints (synthetic CT test split, image-only mean AUC, docs/README.md):
     one cut at logit 0 scored 0.834-0.846, cuts at -2, 0, 2 and 4 averaged 0.845-0.854.
     """
+    cuts: List[Optional[torch.Tensor]] = []
+    if mask_logits is None:
+        cuts.append(None)
+    else:
+        for t in thresholds:
+            cuts.append(mask_logits - t)
     out: List[Tuple[torch.Tensor, torch.Tensor]] = []
-    for t in thresholds:
-        raw, valid = region_statistics(image, None, boxes, "predicted", bins, mask_logits - t, focal_scales, per_view, focal_depth)
+    for logits in cuts:
+        raw, valid = region_statistics(image, None, boxes, "predicted", bins, logits, focal_scales, per_view, focal_depth)
         if source_flag:
             raw = torch.cat([raw, valid.unsqueeze(-1).to(raw.dtype)], dim=-1)
         out.append((raw, valid))

@@ -690,6 +690,11 @@ class AnatomyVLPModel(nn.Module):
             self.global_study_index.copy_(state["global_study_index"].long())
             self.prompts_set.fill_(True)
 
+    def stats_cuts(self) -> List[float]:
+        """The mask logits at which image-only evaluation cuts the predicted masks for the statistics
+        path: ``stats_ensemble``, else the one cut at ``stats_threshold``."""
+        return list(self.stats_ensemble) if len(self.stats_ensemble) > 0 else [self.stats_threshold]
+
     def adapt_prompts(self, emb: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings through the learned ``prompt_adapter`` (unchanged without one)."""
         adapter = self.prompt_adapter
@@ -917,11 +922,11 @@ class AnatomyVLPModel(nn.Module):
             if mask_logits is not None and self.stats_threshold != 0.0:
                 stats_logits = mask_logits - self.stats_threshold
             views = self.backbone.window_views(feats["stem_input"]) if (self.stats_views or self.study_stats is not None) else image
-            if not self.training and stats_masks is None and mask_logits is not None and len(self.stats_ensemble) > 0:
+            if not self.training and stats_masks is None:  # image-only evaluation: one entry per cut (stats_cuts)
                 ensemble = [
                     self.region_proj.standardize(raw, valid)
                     for raw, valid in predicted_statistics_ensemble(
-                        views if self.stats_views else image, boxes, mask_logits, self.stats_ensemble, self.region_stats_bins,
+                        views if self.stats_views else image, boxes, mask_logits, self.stats_cuts(), self.region_stats_bins,
                         self.focal_scales, self.stats_views, self.focal_depth, self.stats_source_flag,
                     )
                 ]
