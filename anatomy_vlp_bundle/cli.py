@@ -6,6 +6,8 @@ Each command lives in the module that owns it; this file only wires names to fun
 
 from __future__ import annotations
 
+import sys
+
 import fire
 
 
@@ -50,8 +52,6 @@ def _help_to_fire(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     fire.Fire(_commands(), command=_help_to_fire(argv), name="anatomy_vlp_bundle")
 
