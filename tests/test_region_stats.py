@@ -14,6 +14,8 @@ from anatomy_vlp_bundle.networks.region_stats import (
     gaussian_smooth,
     region_statistics,
     stats_dim,
+    stats_input,
+    structure_views,
 )
 
 
@@ -362,3 +364,58 @@ def test_statistics_do_not_depend_on_how_many_anatomies_are_held_at_once():
     x = image[:, 0].flatten(1)
     mean = (w * x).sum(1) / w.sum(1)
     torch.testing.assert_close(ref[:, 4, 1], mean)
+
+
+def _line_and_blob_image():
+    # a radiograph-like 2D scene: flat 0.3, a bright horizontal line 2 px thick in the top half,
+    # the same line vertical in the bottom left, a bright disc (radius 5) in the bottom right
+    image = torch.full((1, 1, 64, 64), 0.3)
+    image[0, 0, 15:17, 8:56] = 0.6
+    image[0, 0, 36:60, 14:16] = 0.6
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    image[0, 0][((yy - 48) ** 2 + (xx - 46) ** 2) <= 25] = 0.6
+    return image
+
+
+def test_structure_views_answer_lines_by_direction_and_blobs_by_scale():
+    image = _line_and_blob_image()
+    maps = structure_views(image, [1.0, 4.0])
+    assert maps.shape == (1, 6, 64, 64) and maps.dtype == torch.float32
+    assert bool(((maps >= 0) & (maps <= 1)).all())
+    ridge, hridge, blob = maps[0, 0], maps[0, 1], maps[0, 5]  # sigma 1: ridge, horizontal ridge; sigma 4: blob
+    h_line, v_line, disc, flat = (15, 30), (48, 14), (48, 46), (30, 30)
+    # a line of its width lights the ridge map whatever its direction; the flat background does not
+    assert ridge[h_line] > 0.9 and ridge[v_line] > 0.9 and ridge[flat] < 0.6
+    # the horizontal-ridge map tells the two lines apart
+    assert hridge[h_line] > 0.9 and hridge[v_line] < 0.5
+    # at sigma 4 the disc is the strongest blob, the thin lines are not
+    assert blob[disc] > 0.95 and blob[disc] > blob[h_line] and blob[disc] > blob[v_line]
+    # a uniform exposure change leaves the maps unchanged (each map is divided by its mean |value|)
+    torch.testing.assert_close(structure_views(image * 0.5 + 0.2, [1.0, 4.0]), maps, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="2D"):
+        structure_views(torch.rand(1, 1, 8, 8, 8), [1.0])
+
+
+def test_structure_views_are_extra_statistics_views_that_see_a_plate_in_a_zone():
+    # two zones of the same mean, histogram and extremes: one holds a thin horizontal plate, the other
+    # the same bright voxels scattered; only the structure views' rows tell them apart
+    torch.manual_seed(0)
+    image = torch.full((2, 1, 64, 64), 0.3)
+    image[0, 0, 30, 10:40] = 0.7
+    idx = torch.randperm(64 * 64)[:30]
+    image[1, 0].view(-1)[idx] = 0.7
+    masks = torch.ones(2, 1, 64, 64)
+    boxes = torch.tensor([[[0.5, 0.5, 1.0, 1.0]]]).expand(2, 1, 4)
+    x, per_view = stats_input(image, image, False, [1.0])
+    assert per_view and x.shape == (2, 1 + 3, 64, 64)
+    plain, _ = region_statistics(image, masks, boxes, "mask", 8)
+    rows, valid = region_statistics(x, masks, boxes, "mask", 8, per_view=True)
+    assert rows.shape == (2, 1, stats_dim(8, 0, 4)) and bool(valid.all())
+    torch.testing.assert_close(rows[..., : plain.shape[-1]], plain)  # the image's own row comes first, unchanged
+    torch.testing.assert_close(plain[0], plain[1])  # first-order statistics cannot tell them apart
+    width = plain.shape[-1]
+    hridge_row = slice(2 * width, 3 * width)
+    assert (rows[0, 0, hridge_row] - rows[1, 0, hridge_row]).abs().max() > 1.0
+    # without structure sigmas: the image itself, as before
+    same, flag = stats_input(image, image, False, [])
+    assert same is image and not flag

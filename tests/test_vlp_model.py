@@ -15,7 +15,7 @@ from anatomy_vlp_bundle.losses import (
 from anatomy_vlp_bundle.networks import AnatomyVLPModel, masks_to_token_mask
 from anatomy_vlp_bundle.networks.box_ops import boxes_to_normalized_cxcywh, boxes_to_token_mask
 from anatomy_vlp_bundle.networks.normality_prior import fit_score_calibration
-from anatomy_vlp_bundle.networks.region_stats import region_statistics
+from anatomy_vlp_bundle.networks.region_stats import region_statistics, stats_input
 from anatomy_vlp_bundle.text.prompts import PromptBank, build_prompt_texts
 
 CT_CATALOG = {
@@ -329,6 +329,29 @@ def test_stats_ensemble_averages_the_cuts_image_only():
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="stats_ensemble"):
         tiny_model(3, stats_ensemble=[0.0, float("inf")])
+
+
+def test_structure_sigmas_add_statistics_views_in_2d_only():
+    # the structure views widen the statistics path by 3 maps per scale; with given masks the model's
+    # statistics are region_statistics over stats_input's views; 3D and non-positive scales refused
+    plain = tiny_model(2)
+    model = tiny_model(2, structure_sigmas=[1.0, 2.0]).eval()
+    width = plain.region_proj.stats_dim
+    assert model.region_proj.stats_dim == width * (1 + 3 * 2)
+    assert model.config["structure_sigmas"] == [1.0, 2.0] and AnatomyVLPModel(**model.config).structure_sigmas == [1.0, 2.0]
+    model.set_prompt_bank(random_bank(model))
+    batch = batch_for(model, 2)
+    with torch.no_grad():
+        out = model(batch["image"], batch["anatomy"], None, "mask")
+        x, per_view = stats_input(batch["image"], batch["image"], False, [1.0, 2.0])
+        raw, valid = region_statistics(x, batch["anatomy"], out["boxes"], "mask", model.region_stats_bins, None,
+                                       model.focal_scales, per_view, model.focal_depth)
+        assert torch.isfinite(model(batch["image"], None, None, "predicted")["zero_shot_logits"]).all()
+    assert raw.shape[-1] == model.region_proj.stats_dim and bool(valid.any())
+    with pytest.raises(ValueError, match="2D only"):
+        tiny_model(3, structure_sigmas=[1.0])
+    with pytest.raises(ValueError, match="structure_sigmas"):
+        tiny_model(2, structure_sigmas=[0.0])
 
 
 def test_stats_source_flag_marks_predicted_regions():

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ..data.catalog import Catalog, load_catalog
 from ..losses.alignment import zero_shot_logits
 from .box_ops import boxes_to_token_mask
-from .region_stats import background_statistics, background_weights, predicted_statistics_ensemble
+from .region_stats import background_statistics, background_weights, predicted_statistics_ensemble, stats_input
 from .vlp_model import AnatomyVLPModel, abnormality_from_score, image_patches, max_finding_probability, prior_summary_features
 
 __all__ = ["DeployWrapper", "describe_layout", "script_deploy", "export_torchscript", "export_program", "LAYOUT_VERSION"]
@@ -123,6 +123,10 @@ class DeployWrapper(nn.Module):
     ``study_thresholds`` (S,) are buffers.
     """
 
+    # declared for TorchScript (an empty list, no structure maps as in the CT default, has no element
+    # type to infer), as a type object: this module's postponed annotations would be strings
+    __annotations__ = {"structure_sigmas": List[float]}
+
     def __init__(self, model: AnatomyVLPModel, preprocessing: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         if not isinstance(model, AnatomyVLPModel):
@@ -157,6 +161,7 @@ class DeployWrapper(nn.Module):
         self.stats_cuts: List[float] = model.stats_cuts()
         self.stats_source_flag: bool = model.stats_source_flag
         self.stats_views: bool = model.stats_views
+        self.structure_sigmas: List[float] = list(model.structure_sigmas)
         self.focal_depth: int = model.focal_depth
         layout = describe_layout(model.catalog, model.spatial_dims)
         layout["img_size"] = [int(v) for v in model.backbone.img_size]
@@ -227,10 +232,10 @@ class DeployWrapper(nn.Module):
             views = image  # the windows only where a statistics row reads them
             if self.stats_views or self.study_stats is not None:
                 views = self.backbone.window_views(feats["stem_input"])
-            stats_image = views if self.stats_views else image
+            stats_image, per_view = stats_input(image, views, self.stats_views, self.structure_sigmas)
             for raw, valid in predicted_statistics_ensemble(
                 stats_image, boxes, raw_logits, self.stats_cuts, self.region_stats_bins, self.focal_scales,
-                self.stats_views, self.focal_depth, self.stats_source_flag,
+                per_view, self.focal_depth, self.stats_source_flag,
             ):
                 stats.append(self.region_proj.standardize(raw, valid))
             study_stats = self.study_stats

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .box_ops import boxes_to_token_mask
 
-__all__ = ["background_dim", "background_statistics", "background_weights", "focal_statistics", "gaussian_smooth", "predicted_statistics_ensemble", "region_statistics", "region_voxel_weights", "region_weight_maps", "RunningStandardize", "stats_dim"]
+__all__ = ["STRUCTURE_MAPS", "background_dim", "stats_input", "structure_views", "background_statistics", "background_weights", "focal_statistics", "gaussian_smooth", "predicted_statistics_ensemble", "region_statistics", "region_voxel_weights", "region_weight_maps", "RunningStandardize", "stats_dim"]
 
 
 
@@ -384,6 +384,102 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
             acc.add_(pair, alpha=weights[t] / total)
         y = acc
     return y
+
+
+def _filter_axis(y: torch.Tensor, axis: int, taps: List[float]) -> torch.Tensor:
+    """Correlate ``y`` along ``axis`` with the odd-length ``taps`` (centre in the middle), edges
+    replicated; shifted multiply-adds as :func:`gaussian_smooth` (float32 under autocast)."""
+    radius = (len(taps) - 1) // 2
+    n = int(y.shape[axis])
+    index = torch.arange(-radius, n + radius, device=y.device).clamp(0, n - 1)
+    padded = y.index_select(axis, index)
+    acc = padded.narrow(axis, 0, n) * taps[0]
+    for t in range(1, len(taps)):
+        acc.add_(padded.narrow(axis, t, n), alpha=taps[t])
+    return acc
+
+
+def _gaussian_derivative_taps(sigma: float, order: int) -> List[float]:
+    """Taps of the ``order`` (0, 1, 2) derivative of a unit-sum Gaussian of ``sigma``, times ``sigma ** order``
+    (scale-normalised), radius ``ceil(3 sigma)``; the derivatives' taps sum to 0."""
+    radius = int(math.ceil(3.0 * sigma))
+    g: List[float] = []
+    for t in range(-radius, radius + 1):
+        g.append(math.exp(-(t * t) / (2.0 * sigma * sigma)))
+    total = sum(g)
+    taps: List[float] = []
+    for i in range(len(g)):
+        t = float(i - radius)
+        w = g[i] / total
+        if order == 1:
+            w = -t / sigma * w
+        elif order == 2:
+            w = (t * t / (sigma * sigma) - 1.0) * w
+        taps.append(w)
+    if order == 2:  # the sampled second derivative sums to ~1e-3, not 0: a flat image must give 0
+        mean = sum(taps) / len(taps)
+        taps = [w - mean for w in taps]
+    return taps
+
+
+#: Maps per scale of :func:`structure_views`: bright line (any direction), bright horizontal line, bright blob.
+STRUCTURE_MAPS = 3
+
+
+def structure_views(image: torch.Tensor, sigmas: List[float]) -> torch.Tensor:
+    """Local-structure maps of a 2D image, each mapped into ``[0, 1]`` as extra statistics views.
+
+    Per Gaussian scale ``sigma`` (pixels) the scale-normalised Hessian's eigenvalues ``l1 <= l2``
+    give three maps: a bright line of that width in any direction (``relu(-l1) - |l2|``), a bright
+    horizontal line (``relu(-d2/dy2) - |d2/dx2|``: plate atelectasis and fissures lie across the
+    chest) and a bright blob (``-(l1 + l2)``, the Laplacian: consolidation, nodules). Each map is
+    divided by its mean absolute value over the image (so exposure and noise level cancel) and
+    passed through a sigmoid, so the region statistics' histogram and focal rows read its tails.
+
+    Why: on the synthetic radiographs the region statistics of the image itself do not separate
+    consolidation, atelectasis or nodules from the ribs and vessels they are projected over
+    (logistic probe per finding over the given zone masks: 0.64 / 0.47 / 0.47); the upper
+    percentiles of these maps at sigma 1-9 pixels reach 0.72 / 0.81 / 0.50 (nodules stay at
+    chance: at a contrast-to-noise ratio of 1.2-2.8 a blob filter finds rib crossings first).
+
+    Args:
+        image: ``(B, C, H, W)``; channels averaged.
+        sigmas: Gaussian scales in pixels (> 0).
+
+    Returns:
+        ``(B, STRUCTURE_MAPS * len(sigmas), H, W)`` float32 in ``[0, 1]``.
+    """
+    if image.dim() != 4:
+        raise ValueError("structure_views: 2D images (B, C, H, W) only, got " + str(image.dim() - 2) + " spatial dims")
+    x = image.to(torch.float32).mean(dim=1)  # (B, H, W)
+    maps: List[torch.Tensor] = []
+    for sigma in sigmas:
+        g0 = _gaussian_derivative_taps(float(sigma), 0)
+        g1 = _gaussian_derivative_taps(float(sigma), 1)
+        g2 = _gaussian_derivative_taps(float(sigma), 2)
+        dyy = _filter_axis(_filter_axis(x, 1, g2), 2, g0)
+        dxx = _filter_axis(_filter_axis(x, 1, g0), 2, g2)
+        dxy = _filter_axis(_filter_axis(x, 1, g1), 2, g1)
+        half_trace = 0.5 * (dxx + dyy)
+        root = (0.25 * (dxx - dyy) * (dxx - dyy) + dxy * dxy).sqrt()
+        l1 = half_trace - root
+        l2 = half_trace + root
+        for mp in (torch.relu(-l1) - l2.abs(), torch.relu(-dyy) - dxx.abs(), -(l1 + l2)):
+            scale = mp.abs().mean(dim=(1, 2), keepdim=True).clamp(min=1e-8)
+            maps.append(torch.sigmoid(mp / scale))
+    return torch.stack(maps, dim=1)
+
+
+def stats_input(image: torch.Tensor, views: torch.Tensor, stats_views: bool, structure_sigmas: List[float]) -> Tuple[torch.Tensor, bool]:
+    """What the region statistics read, and whether per view: ``views`` (the image and its windows)
+    with ``stats_views``, else ``image``; with ``structure_sigmas`` the :func:`structure_views`
+    appended as further views (then always per view, the image's channels averaged into one)."""
+    base = views if stats_views else image
+    if len(structure_sigmas) == 0:
+        return base, stats_views
+    if not stats_views:
+        base = base.to(torch.float32).mean(dim=1, keepdim=True)
+    return torch.cat([base.to(torch.float32), structure_views(image, structure_sigmas)], dim=1), True
 
 
 def _interior(label: torch.Tensor, depth: int = 1) -> torch.Tensor:

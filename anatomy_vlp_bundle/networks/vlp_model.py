@@ -69,6 +69,7 @@ from .box_ops import boxes_to_token_mask
 from .heads import BoxHead, Projection, RegionPooling, SegmentationHead
 from .normality_prior import NormalityPrior, calibrated_abnormality
 from .region_stats import (
+    STRUCTURE_MAPS,
     RunningStandardize,
     background_dim,
     background_statistics,
@@ -76,6 +77,7 @@ from .region_stats import (
     predicted_statistics_ensemble,
     region_statistics,
     stats_dim,
+    stats_input,
 )
 
 __all__ = [
@@ -381,6 +383,10 @@ class AnatomyVLPModel(nn.Module):
             view the stem sees (:meth:`~.anatomy_vit.AnatomyViT.window_views`: the image and each of
             its ``input_windows``) instead of the image alone; with a CT soft-tissue window, bins of
             12 HU where the full range has 62 HU (see :func:`~.region_stats.region_statistics`).
+        structure_sigmas: 2D only: Gaussian scales (pixels) of Hessian line and blob maps appended
+            as further statistics views (:func:`~.region_stats.structure_views`): the ridges of plate
+            atelectasis, the blobs of consolidation, which a radiograph's own intensities hide
+            among ribs and vessels. ``()`` (default): none; the CXR config: ``[1, 2, 4]``.
         stats_source_flag: append to each region's statistics whether they were taken over a
             predicted (1) or a given (0) mask, so the fusion can read the two differently
             (predicted masks of thin organs hold neighbouring tissue that given masks exclude).
@@ -441,6 +447,7 @@ class AnatomyVLPModel(nn.Module):
         stats_ensemble: Sequence[float] = (),
         stats_source_flag: bool = False,
         stats_views: bool = False,
+        structure_sigmas: Sequence[float] = (),
         study_stats: bool = False,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
@@ -520,6 +527,7 @@ class AnatomyVLPModel(nn.Module):
             "stats_ensemble": [float(v) for v in stats_ensemble],
             "stats_source_flag": bool(stats_source_flag),
             "stats_views": bool(stats_views),
+            "structure_sigmas": [float(v) for v in structure_sigmas],
             "study_stats": bool(study_stats),
             "mask_guided_attention": mask_guided_attention,
             "dropout": dropout,
@@ -597,6 +605,14 @@ class AnatomyVLPModel(nn.Module):
         self.stats_source_flag = bool(stats_source_flag) and self.region_stats_bins > 0
         self.stats_views = bool(stats_views) and self.region_stats_bins > 0
         n_views = 1 + int(self.backbone.window_bounds.shape[0])
+        self.structure_sigmas: List[float] = [float(v) for v in structure_sigmas] if self.region_stats_bins > 0 else []
+        if len(self.structure_sigmas) > 0 and dims != 2:
+            raise ValueError(f"AnatomyVLPModel: structure_sigmas (Hessian maps of a radiograph) are 2D only, got spatial_dims={dims}")
+        if not all(math.isfinite(v) and v > 0 for v in self.structure_sigmas):
+            raise ValueError(f"AnatomyVLPModel: structure_sigmas are Gaussian scales in pixels (> 0), got {list(structure_sigmas)}")
+        stats_views_n = n_views if self.stats_views else 1
+        if len(self.structure_sigmas) > 0:
+            stats_views_n += STRUCTURE_MAPS * len(self.structure_sigmas)
         self.seg_head: Optional[SegmentationHead] = None
         if segmentation:
             self.seg_head = SegmentationHead(
@@ -610,7 +626,7 @@ class AnatomyVLPModel(nn.Module):
             embed_dim,
             proj_hidden,
             head_dropout,
-            stats_dim(self.region_stats_bins, len(self.focal_scales), n_views if self.stats_views else 1) + int(self.stats_source_flag),
+            stats_dim(self.region_stats_bins, len(self.focal_scales), stats_views_n) + int(self.stats_source_flag),
             m,
             feature_dropout=feature_dropout,
             path_dropout=path_dropout,
@@ -922,18 +938,19 @@ class AnatomyVLPModel(nn.Module):
             if mask_logits is not None and self.stats_threshold != 0.0:
                 stats_logits = mask_logits - self.stats_threshold
             views = self.backbone.window_views(feats["stem_input"]) if (self.stats_views or self.study_stats is not None) else image
+            stats_image, per_view = stats_input(image, views, self.stats_views, self.structure_sigmas)
             if not self.training and stats_masks is None:  # image-only evaluation: one entry per cut (stats_cuts)
                 ensemble = [
                     self.region_proj.standardize(raw, valid)
                     for raw, valid in predicted_statistics_ensemble(
-                        views if self.stats_views else image, boxes, mask_logits, self.stats_cuts(), self.region_stats_bins,
-                        self.focal_scales, self.stats_views, self.focal_depth, self.stats_source_flag,
+                        stats_image, boxes, mask_logits, self.stats_cuts(), self.region_stats_bins,
+                        self.focal_scales, per_view, self.focal_depth, self.stats_source_flag,
                     )
                 ]
             else:
                 raw_stats, stats_valid = region_statistics(
-                    views if self.stats_views else image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits,
-                    self.focal_scales, self.stats_views, self.focal_depth,
+                    stats_image, stats_masks, boxes, stats_regions, self.region_stats_bins, stats_logits,
+                    self.focal_scales, per_view, self.focal_depth,
                 )
                 if self.stats_source_flag:
                     if stats_masks is None or stats_regions == "predicted":
