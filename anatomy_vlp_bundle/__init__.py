@@ -1,3 +1,3 @@
 """Anatomy-aware vision-language pre-training for 3D CT and 2D chest X-ray (a MONAI bundle)."""
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"

@@ -16,6 +16,8 @@ anatomy region:
 - ``window``: the ``stats`` over the image mapped through the checkpoint's input windows
   (``input_windows``, e.g. CT soft tissue -150..250 HU), one row per window: finer histogram bins
   where organs and lesions differ by tens of HU;
+- ``structure`` (2D): the ``stats`` of the Hessian line and blob maps
+  (``networks.region_stats.structure_views``; the checkpoint's ``structure_sigmas``, else 1, 2, 4 pixels);
 - ``+contra``: a feature set minus the same features of the mirrored region (``left`` <-> ``right``
   in the anatomy's name), the symmetry a reader uses.
 
@@ -45,7 +47,7 @@ from anatomy_vlp_bundle.data.datalist import load_datalist  # noqa: E402
 from anatomy_vlp_bundle.data.pipeline import build_transforms  # noqa: E402
 from anatomy_vlp_bundle.metrics.diagnosis import roc_auc  # noqa: E402
 from anatomy_vlp_bundle.networks.heads import upsample_mask_logits  # noqa: E402
-from anatomy_vlp_bundle.networks.region_stats import gaussian_smooth, region_statistics  # noqa: E402
+from anatomy_vlp_bundle.networks.region_stats import gaussian_smooth, region_statistics, structure_views  # noqa: E402
 
 BANDPASS_SIGMAS = (1.5, 3.0, 6.0)
 
@@ -95,13 +97,13 @@ def window_images(image: torch.Tensor, backbone) -> list[torch.Tensor]:
 
 
 def extract(
-    datalist: str, split: str, catalog, model, thresholds: list[float], bins: int, focal: list[float]
+    datalist: str, split: str, catalog, model, thresholds: list[float], bins: int, focal: list[float], structure: list[float]
 ) -> dict:
     transform = build_transforms(catalog, mode="eval")
     ds = build_dataset(datalist, split, transform)
     sources = ["mask"] + [f"pred>{t:g}" for t in thresholds] if model is not None else ["mask"]
     backbone = model.backbone if model is not None else None
-    out: dict = {f"{src}/{k}": [] for src in sources for k in ("stats", "bandpass", "window")}
+    out: dict = {f"{src}/{k}": [] for src in sources for k in ("stats", "bandpass", "window", "structure")}
     out["y"] = []
     for i in range(len(ds)):
         d = ds[i]
@@ -121,6 +123,12 @@ def extract(
             out[f"{src}/bandpass"].append(bandpass_features(image[0].mean(0), masks[0] > 0.5).numpy())
             rows = [region_statistics(w, masks, boxes, "mask", bins, None, focal)[0][0] for w in window_images(image, backbone)]
             out[f"{src}/window"].append(torch.cat(rows, -1).numpy() if rows else np.zeros((catalog.num_anatomies, 0), np.float32))
+            if structure:
+                views = structure_views(image, structure)
+                rows = region_statistics(views, masks, boxes, "mask", bins, None, focal, per_view=True)[0][0]
+                out[f"{src}/structure"].append(rows.numpy())
+            else:
+                out[f"{src}/structure"].append(np.zeros((catalog.num_anatomies, 0), np.float32))
         out["y"].append(labels_of(d.get("findings"), catalog))
         if (i + 1) % 50 == 0:
             print(f"  {split}: {i + 1}/{len(ds)}", flush=True)
@@ -184,6 +192,7 @@ def main(
     torch.set_num_threads(int(threads))
     model = None
     bins, focal, n_windows = 32, [0.0, 2.0], 0
+    structure = [1.0, 2.0, 4.0]
     if checkpoint:
         from anatomy_vlp_bundle.inference.predictor import model_from_checkpoint
 
@@ -191,10 +200,14 @@ def main(
         catalog = load_catalog(extras.get("catalog") or model.config["catalog"])
         bins, focal = model.region_stats_bins or bins, list(model.focal_scales) or focal
         n_windows = int(model.backbone.window_bounds.shape[0])
+        structure = list(model.structure_sigmas) or structure
     else:
         catalog = load_datalist(datalist).catalog()
+    if catalog.spatial_dims != 2:
+        structure = []
     ths = [float(t) for t in str(thresholds).split(",") if str(t).strip()] if model is not None else []
-    source = {"datalist": str(datalist), "checkpoint": str(checkpoint or ""), "thresholds": ",".join(f"{t:g}" for t in ths)}
+    source = {"datalist": str(datalist), "checkpoint": str(checkpoint or ""), "thresholds": ",".join(f"{t:g}" for t in ths),
+              "structure": ",".join(f"{t:g}" for t in structure)}
     if cache and Path(cache).is_file():
         with np.load(cache) as z:  # arrays only (no pickle)
             stored = {k.removeprefix("source:"): str(z[k]) for k in z.files if k.startswith("source:")}
@@ -207,8 +220,8 @@ def main(
             test = {k.removeprefix("test:"): z[k] for k in z.files if k.startswith("test:")}
         print(f"features from {cache}")
     else:
-        train = extract(datalist, "training", catalog, model, ths, bins, focal)
-        test = extract(datalist, "test", catalog, model, ths, bins, focal)
+        train = extract(datalist, "training", catalog, model, ths, bins, focal, structure)
+        test = extract(datalist, "test", catalog, model, ths, bins, focal, structure)
         if cache:
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
             np.savez(
@@ -221,6 +234,8 @@ def main(
     sets = {"stats": ["stats"], "stats+bandpass": ["stats", "bandpass"], "stats+bandpass+contra": ["stats+contra", "bandpass+contra"]}
     if n_windows:
         sets.update({"stats+window": ["stats", "window"], "stats+window+bandpass": ["stats", "window", "bandpass"]})
+    if structure:
+        sets.update({"stats+structure": ["stats", "structure"], "stats+structure+contra": ["stats+contra", "structure+contra"]})
     sources = [("mask", "mask")] + [(s, s) for s in (f"pred>{t:g}" for t in ths)] + [("mask", f"pred>{t:g}") for t in ths]
     print(f"\n{catalog.name}: per-(anatomy, finding) logistic probe, C={C}, {len(train['y'])} training / {len(test['y'])} test cases")
     print("| features | " + " | ".join(f"{a} -> {b}" if a != b else a for a, b in sources) + " |")

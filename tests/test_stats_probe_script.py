@@ -68,14 +68,16 @@ def test_cache_is_written_once_and_read_instead_of_extracting(probe, tmp_path, m
     cat = load_catalog("synthetic_ct")
     m, f = cat.num_anatomies, cat.max_findings
 
-    def fake_extract(datalist, split, catalog, model, thresholds, bins, focal):
+    def fake_extract(datalist, split, catalog, model, thresholds, bins, focal, structure):
         calls.append(split)
+        assert structure == []  # the structure views are 2D only: none for a CT catalog
         n = 40
         y = np.full((n, m, f), -1)
         y[:, 0, 0] = np.arange(n) % 2
         stats = rng.normal(size=(n, m, 3)).astype(np.float32)
         stats[:, 0, 0] += 3 * y[:, 0, 0]
-        return {"mask/stats": stats, "mask/bandpass": rng.normal(size=(n, m, 2)), "mask/window": np.zeros((n, m, 0)), "y": y}
+        return {"mask/stats": stats, "mask/bandpass": rng.normal(size=(n, m, 2)), "mask/window": np.zeros((n, m, 0)),
+                "mask/structure": np.zeros((n, m, 0)), "y": y}
 
     calls = []
     monkeypatch.setattr(probe, "extract", fake_extract)

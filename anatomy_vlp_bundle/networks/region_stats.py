@@ -437,10 +437,12 @@ def structure_views(image: torch.Tensor, sigmas: List[float]) -> torch.Tensor:
     passed through a sigmoid, so the region statistics' histogram and focal rows read its tails.
 
     Why: on the synthetic radiographs the region statistics of the image itself do not separate
-    consolidation, atelectasis or nodules from the ribs and vessels they are projected over
-    (logistic probe per finding over the given zone masks: 0.64 / 0.47 / 0.47); the upper
-    percentiles of these maps at sigma 1-9 pixels reach 0.72 / 0.81 / 0.50 (nodules stay at
-    chance: at a contrast-to-noise ratio of 1.2-2.8 a blob filter finds rib crossings first).
+    atelectasis, consolidation or nodules from the ribs and vessels they are projected over. A
+    logistic probe per (anatomy, finding) over the given masks (``scripts/stats_probe.py``) goes
+    from a mean test AUC of 0.747 to 0.840 with these views' statistics at sigma 1, 2, 4
+    (atelectasis 0.47 -> 0.80, consolidation 0.64 -> 0.65, nodule 0.47 -> 0.59 with the
+    left-right differences); the trained CXR model from 0.731 to 0.847 image only. Nodules stay
+    near chance (0.59).
 
     Args:
         image: ``(B, C, H, W)``; channels averaged.
