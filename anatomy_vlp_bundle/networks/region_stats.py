@@ -20,6 +20,10 @@ appended to the fusion input, the same 300 steps reached a validation mean AUC o
 With ``focal_scales``, :func:`focal_statistics` appends each region's largest and smallest z-score
 after Gaussian smoothing (small lesions, which move neither the mean nor the histogram).
 
+For 2D images, :func:`structure_views` (Hessian line and spot maps) can be appended as further
+views (:func:`stats_input`): the statistics then also read where a radiograph's lines and spots
+are, which its intensities hide among ribs and vessels.
+
 These are radiomics-style first-order features (volume, mean, spread, histogram); the model
 learns which of them a finding's prompt points at. :class:`RunningStandardize` centres and
 scales them per anatomy with running moments (buffers, updated in training only; DDP's buffer
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 
 from .box_ops import boxes_to_token_mask
 
-__all__ = ["STRUCTURE_MAPS", "background_dim", "stats_input", "structure_views", "background_statistics", "background_weights", "focal_statistics", "gaussian_smooth", "predicted_statistics_ensemble", "region_statistics", "region_voxel_weights", "region_weight_maps", "RunningStandardize", "stats_dim"]
+__all__ = ["STRUCTURE_MAPS", "background_dim", "background_statistics", "background_weights", "focal_statistics", "gaussian_smooth", "predicted_statistics_ensemble", "region_statistics", "region_voxel_weights", "region_weight_maps", "RunningStandardize", "stats_dim", "stats_input", "structure_views"]
 
 
 
@@ -432,7 +436,8 @@ def structure_views(image: torch.Tensor, sigmas: List[float]) -> torch.Tensor:
     Per Gaussian scale ``sigma`` (pixels) the scale-normalised Hessian's eigenvalues ``l1 <= l2``
     give three maps: a bright line of that width in any direction (``relu(-l1) - |l2|``), a bright
     horizontal line (``relu(-d2/dy2) - |d2/dx2|``: plate atelectasis and fissures lie across the
-    chest) and a bright blob (``-(l1 + l2)``, the Laplacian: consolidation, nodules). Each map is
+    chest) and a bright spot (``-(l1 + l2)``, the negative Laplacian, which lines also raise:
+    consolidation, nodules). Each map is
     divided by its mean absolute value over the image (so exposure and noise level cancel) and
     passed through a sigmoid, so the region statistics' histogram and focal rows read its tails.
 
