@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anatomy_vlp_bundle.data.catalog import load_catalog  # noqa: E402
+from anatomy_vlp_bundle.data.catalog import load_catalog, mirror_index  # noqa: E402
 from anatomy_vlp_bundle.data.dataset import build_dataset  # noqa: E402
 from anatomy_vlp_bundle.data.datalist import load_datalist  # noqa: E402
 from anatomy_vlp_bundle.data.pipeline import build_transforms  # noqa: E402
@@ -50,12 +50,6 @@ from anatomy_vlp_bundle.networks.heads import upsample_mask_logits  # noqa: E402
 from anatomy_vlp_bundle.networks.region_stats import gaussian_smooth, region_statistics, structure_views  # noqa: E402
 
 BANDPASS_SIGMAS = (1.5, 3.0, 6.0)
-
-
-def mirror_index(names: list[str]) -> list[int]:
-    """Index of each anatomy's mirrored region (itself when it has none)."""
-    swapped = [n.replace("right", "\0").replace("left", "right").replace("\0", "left") for n in names]
-    return [names.index(s) if s in names else i for i, s in enumerate(swapped)]
 
 
 def bandpass_features(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -264,4 +264,5 @@ def test_cxr_training(session_dirs):
     ckpt = torch.load(root / "models" / "checkpoint_epoch=1.pt", weights_only=True)
     assert ckpt["extras"]["model_config"]["spatial_dims"] == 2
     assert ckpt["extras"]["model_config"]["structure_sigmas"] == [1.0, 2.0, 4.0]  # cxr.yaml's structure views
+    assert ckpt["extras"]["model_config"]["stats_contralateral"] is True
     assert ckpt["extras"]["catalog"]["modality"].lower() == "cxr"

@@ -114,7 +114,7 @@ def test_describe_layout():
      (3, {"mask_refine": True, "segmentation_decoder": "deep", "input_windows": [[0.425, 0.625]]}),
      (3, {"stats_ensemble": [-0.5, 0.0, 0.5], "stats_views": True, "study_stats": True, "stats_source_flag": True,
           "input_windows": [[0.425, 0.625]]}),
-     (2, {"structure_sigmas": [1.0, 2.0], "stats_ensemble": [-0.5, 0.5]})],
+     (2, {"structure_sigmas": [1.0, 2.0], "stats_ensemble": [-0.5, 0.5], "stats_contralateral": True})],
 )
 def test_pred_layout_matches_model_and_scripts(spatial_dims, kwargs):
     model = trained_like_model(spatial_dims, **kwargs)

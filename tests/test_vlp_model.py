@@ -354,6 +354,30 @@ def test_structure_sigmas_add_statistics_views_in_2d_only():
         tiny_model(2, structure_sigmas=[0.0])
 
 
+def test_contralateral_statistics_are_each_regions_minus_its_counterparts():
+    from anatomy_vlp_bundle.data.catalog import mirror_index
+
+    names = ["right lung", "left lung", "right upper lung zone", "trachea", "left upper lung zone"]
+    assert mirror_index(names) == [1, 0, 4, 3, 2]
+    model = tiny_model(2, stats_contralateral=True).eval()
+    plain = tiny_model(2)
+    fusion = model.region_proj
+    assert fusion.contralateral and fusion.stats_path[0].in_features == 2 * plain.region_proj.stats_path[0].in_features
+    names = list(model.catalog.names)
+    mirror = fusion.mirror.tolist()
+    assert names[mirror[names.index("right lung")]] == "left lung" and names[mirror[names.index("trachea")]] == "trachea"
+    torch.manual_seed(0)
+    raw = torch.randn(2, model.num_anatomies, fusion.stats_dim)
+    valid = torch.ones(2, model.num_anatomies, dtype=torch.bool)
+    out = fusion.standardize(raw, valid)
+    own = fusion.stats(raw, valid)
+    torch.testing.assert_close(out[..., : fusion.stats_dim], own)
+    torch.testing.assert_close(out[..., fusion.stats_dim :], own - own[:, mirror])
+    assert bool((out[:, names.index("trachea"), fusion.stats_dim :] == 0).all())  # no counterpart: zeros
+    assert AnatomyVLPModel(**model.config).region_proj.contralateral
+    assert not plain.region_proj.contralateral
+
+
 def test_stats_source_flag_marks_predicted_regions():
     # the flag column is 1 where the statistics come from predicted masks, 0 from given masks
     model = tiny_model(3, segmentation=True, stats_source_flag=True).eval()

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Anatomy", "Catalog", "CatalogError", "load_catalog", "builtin_catalogs", "MODALITIES"]
+__all__ = ["Anatomy", "Catalog", "CatalogError", "load_catalog", "builtin_catalogs", "mirror_index", "MODALITIES"]
 
 MODALITIES = ("CT", "CXR")
 
@@ -172,6 +172,14 @@ class Catalog:
         """For each anatomy of ``self``, the row of the same-named anatomy in ``other`` or -1."""
         rows = {n: i for i, n in enumerate(other.names)}
         return [rows.get(n, -1) for n in self.names]
+
+
+def mirror_index(names: "list[str] | tuple[str, ...]") -> list[int]:
+    """Index of each anatomy's left-right counterpart by name (``left`` <-> ``right``; itself when
+    the catalog has none), e.g. ``right upper lung zone`` <-> ``left upper lung zone``."""
+    names = list(names)
+    swapped = [n.replace("right", "\0").replace("left", "right").replace("\0", "left") for n in names]
+    return [names.index(s) if s in names else i for i, s in enumerate(swapped)]
 
 
 def builtin_catalogs() -> list[str]:

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from torch.utils.checkpoint import checkpoint
 
-from ..data.catalog import Catalog, load_catalog
+from ..data.catalog import Catalog, load_catalog, mirror_index
 from ..losses.alignment import zero_shot_logits
 from ..losses.contrastive import LogitScale
 from .anatomy_vit import AnatomyViT, masks_to_token_mask
@@ -203,6 +203,10 @@ class RegionFusion(nn.Module):
         feature_dropout: dropout on the token-path input (training only).
         path_dropout: probability that a sample's token path is dropped in training (only with
             a statistics path).
+        mirror: optional index of each anatomy's left-right counterpart
+            (:func:`~anatomy_vlp_bundle.data.catalog.mirror_index`): the statistics path then also
+            reads each region's standardised statistics minus its counterpart's (a reader's
+            symmetry cue; ``2 * stats_dim`` inputs).
 
     ``standardize(stats (B, M, stats_dim), valid (B, M))`` standardises the statistics (and, in
     training, updates the running moments: call it once per forward);
@@ -221,6 +225,7 @@ class RegionFusion(nn.Module):
         num_anatomies: int = 1,
         feature_dropout: float = 0.0,
         path_dropout: float = 0.0,
+        mirror: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         for name, value in (("feature_dropout", feature_dropout), ("path_dropout", path_dropout)):
@@ -231,6 +236,13 @@ class RegionFusion(nn.Module):
         self.stats_dim = int(stats_dim)
         self.path_dropout = float(path_dropout) if self.stats_dim > 0 else 0.0
         self.stats: Optional[RunningStandardize] = RunningStandardize(num_anatomies, stats_dim) if stats_dim > 0 else None
+        # left-right differences: each region's standardised statistics minus its counterpart's
+        self.contralateral = mirror is not None and self.stats_dim > 0
+        if mirror is not None and len(mirror) != int(num_anatomies):
+            raise ValueError(f"RegionFusion: mirror needs one index per anatomy ({num_anatomies}), got {len(mirror)}")
+        order = list(mirror) if mirror is not None else list(range(int(num_anatomies)))
+        self.register_buffer("mirror", torch.tensor(order, dtype=torch.long), persistent=False)
+        stats_in = self.stats_dim * (2 if self.contralateral else 1)
         self.token_path = nn.Sequential(
             nn.Dropout(float(feature_dropout)),
             nn.Linear(region_dim + prior_dim, hidden_dim),
@@ -241,13 +253,16 @@ class RegionFusion(nn.Module):
         self.stats_path: Optional[nn.Sequential] = None
         if self.stats_dim > 0:
             self.stats_path = nn.Sequential(
-                nn.Linear(self.stats_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, embed_dim)
+                nn.Linear(stats_in, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, embed_dim)
             )
 
     def standardize(self, stats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         if self.stats is None:
             return stats
-        return self.stats(stats, valid)
+        x = self.stats(stats, valid)
+        if self.contralateral:
+            x = torch.cat([x, x - x.index_select(1, self.mirror)], dim=-1)
+        return x
 
     def forward(self, region_feat: torch.Tensor, prior_feat: torch.Tensor, stats: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = torch.cat([region_feat.float(), prior_feat.to(torch.float32)], dim=-1).to(region_feat.dtype)
@@ -387,6 +402,8 @@ class AnatomyVLPModel(nn.Module):
             as further statistics views (:func:`~.region_stats.structure_views`): the ridges of plate
             atelectasis, the blobs of consolidation, which a radiograph's own intensities hide
             among ribs and vessels. ``()`` (default): none; the CXR config: ``[1, 2, 4]``.
+        stats_contralateral: the statistics path also reads each region's standardised statistics
+            minus those of its left-right counterpart (:class:`RegionFusion` ``mirror``).
         stats_source_flag: append to each region's statistics whether they were taken over a
             predicted (1) or a given (0) mask, so the fusion can read the two differently
             (predicted masks of thin organs hold neighbouring tissue that given masks exclude).
@@ -448,6 +465,7 @@ class AnatomyVLPModel(nn.Module):
         stats_source_flag: bool = False,
         stats_views: bool = False,
         structure_sigmas: Sequence[float] = (),
+        stats_contralateral: bool = False,
         study_stats: bool = False,
         mask_guided_attention: bool = False,
         dropout: float = 0.0,
@@ -528,6 +546,7 @@ class AnatomyVLPModel(nn.Module):
             "stats_source_flag": bool(stats_source_flag),
             "stats_views": bool(stats_views),
             "structure_sigmas": [float(v) for v in structure_sigmas],
+            "stats_contralateral": bool(stats_contralateral),
             "study_stats": bool(study_stats),
             "mask_guided_attention": mask_guided_attention,
             "dropout": dropout,
@@ -630,6 +649,7 @@ class AnatomyVLPModel(nn.Module):
             m,
             feature_dropout=feature_dropout,
             path_dropout=path_dropout,
+            mirror=mirror_index(cat.names) if stats_contralateral else None,
         )
         # a learned linear map of every prompt embedding (identity at start), CLIP's text projection
         # for a frozen text encoder: the positive-minus-negative directions of one anatomy's findings
