@@ -111,15 +111,17 @@ def extract(
             for t in thresholds:
                 regions[f"pred>{t:g}"] = (logits > t).to(torch.float32)
         boxes = torch.zeros(1, catalog.num_anatomies, 2 * catalog.spatial_dims)
+        # the image's own views, the same whatever region source reads them
+        windows = window_images(image, backbone)
+        structure_maps = structure_views(image, structure) if structure else None
         for src, masks in regions.items():
             stats, _ = region_statistics(image, masks, boxes, "mask", bins, None, focal)
             out[f"{src}/stats"].append(stats[0].numpy())
             out[f"{src}/bandpass"].append(bandpass_features(image[0].mean(0), masks[0] > 0.5).numpy())
-            rows = [region_statistics(w, masks, boxes, "mask", bins, None, focal)[0][0] for w in window_images(image, backbone)]
+            rows = [region_statistics(w, masks, boxes, "mask", bins, None, focal)[0][0] for w in windows]
             out[f"{src}/window"].append(torch.cat(rows, -1).numpy() if rows else np.zeros((catalog.num_anatomies, 0), np.float32))
-            if structure:
-                views = structure_views(image, structure)
-                rows = region_statistics(views, masks, boxes, "mask", bins, None, focal, per_view=True)[0][0]
+            if structure_maps is not None:
+                rows = region_statistics(structure_maps, masks, boxes, "mask", bins, None, focal, per_view=True)[0][0]
                 out[f"{src}/structure"].append(rows.numpy())
             else:
                 out[f"{src}/structure"].append(np.zeros((catalog.num_anatomies, 0), np.float32))

@@ -362,6 +362,13 @@ def background_statistics(views: torch.Tensor, weights: torch.Tensor, bins: int)
     return row[:, 0], valid[:, 0]
 
 
+def _replicate_padded(y: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
+    """``y`` extended by ``radius`` copies of its edge values at both ends of ``axis``."""
+    n = int(y.shape[axis])
+    index = torch.arange(-radius, n + radius, device=y.device).clamp(0, n - 1)
+    return y.index_select(axis, index)
+
+
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian smoothing of ``x (B, *S)`` with ``sigma`` voxels, edges replicated, in float32.
 
@@ -380,8 +387,7 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     y = x.to(torch.float32)
     for axis in range(1, x.dim()):
         n = int(y.shape[axis])
-        index = torch.arange(-radius, n + radius, device=y.device).clamp(0, n - 1)  # replicate padding
-        padded = y.index_select(axis, index)
+        padded = _replicate_padded(y, axis, radius)
         acc = padded.narrow(axis, radius, n) * (weights[0] / total)
         for t in range(1, radius + 1):
             pair = padded.narrow(axis, radius - t, n) + padded.narrow(axis, radius + t, n)
@@ -395,8 +401,7 @@ def _filter_axis(y: torch.Tensor, axis: int, taps: List[float]) -> torch.Tensor:
     replicated; shifted multiply-adds as :func:`gaussian_smooth` (float32 under autocast)."""
     radius = (len(taps) - 1) // 2
     n = int(y.shape[axis])
-    index = torch.arange(-radius, n + radius, device=y.device).clamp(0, n - 1)
-    padded = y.index_select(axis, index)
+    padded = _replicate_padded(y, axis, radius)
     acc = padded.narrow(axis, 0, n) * taps[0]
     for t in range(1, len(taps)):
         acc.add_(padded.narrow(axis, t, n), alpha=taps[t])
